@@ -1,0 +1,17 @@
+// The element loops as AVX2 code, 256-bit vectors.
+#include "isa_target.h"
+
+#if defined(__x86_64__)
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FT_ISA_NAMESPACE avx2
+#include "element_loops.h"
+#pragma GCC pop_options
+
+namespace fusedtrain {
+namespace cpu {
+const IsaKernels kAvx2Kernels = {"avx2", avx2::adam_range, avx2::sgd_range};
+}  // namespace cpu
+}  // namespace fusedtrain
+#endif  // defined(__x86_64__)

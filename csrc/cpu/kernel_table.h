@@ -1,0 +1,75 @@
+// The interface between the CPU launchers (which know ATen) and the per-instruction-set element
+// loops (which know only plain pointers): one table of range functions per instruction set.
+//
+// This header is included before the `#pragma GCC target` of each instruction-set translation
+// unit, so it must stay free of anything but plain data and the math headers (whose functions
+// have internal linkage, see macros.h).
+#pragma once
+
+#include <cstdint>
+
+#include "fusedtrain/adam_math.h"
+#include "fusedtrain/sgd_math.h"
+
+namespace fusedtrain {
+namespace cpu {
+
+// How a tensor's elements are stored; the math runs in fp32 for the 16-bit formats.
+enum class Storage : uint8_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// Options that are the same for every tensor of one call.
+struct AdamOptions {
+  bool amsgrad;
+  bool coupled_decay;   // Adam's L2 term present (weight_decay != 0 and not decoupled)
+  bool has_grad_scale;  // divide grads by grad_scale and store them back, as torch's fused Adam
+  double grad_scale;
+};
+
+// One tensor of the call: its element pointers (all laid out like the param) and the
+// coefficients that depend on its step count.
+struct AdamTensor {
+  Storage storage;
+  void* param;
+  void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // null unless amsgrad
+  math::AdamCoeffs<float> coeffs_f32;
+  math::AdamCoeffs<double> coeffs_f64;
+};
+
+struct SgdOptions {
+  bool weight_decay;
+  bool momentum;
+  bool first_step;
+  bool nesterov;
+  bool has_grad_scale;
+  double grad_scale;
+  math::SgdCoeffs<float> coeffs_f32;
+  math::SgdCoeffs<double> coeffs_f64;
+};
+
+struct SgdTensor {
+  Storage storage;
+  void* param;
+  void* grad;
+  void* momentum_buffer;  // null without momentum
+};
+
+// Update elements [begin, end) of one tensor.
+using AdamRangeFn = void (*)(const AdamOptions&, const AdamTensor&, int64_t begin, int64_t end);
+using SgdRangeFn = void (*)(const SgdOptions&, const SgdTensor&, int64_t begin, int64_t end);
+
+struct IsaKernels {
+  const char* name;
+  AdamRangeFn adam;
+  SgdRangeFn sgd;
+};
+
+// Defined in isa_avx512.cpp, isa_avx2.cpp and isa_baseline.cpp from the same element loops.
+extern const IsaKernels kAvx512Kernels;
+extern const IsaKernels kAvx2Kernels;
+extern const IsaKernels kBaselineKernels;
+
+}  // namespace cpu
+}  // namespace fusedtrain

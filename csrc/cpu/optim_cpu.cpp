@@ -1,0 +1,144 @@
+// CPU implementations of fusedtrain::adam_step_ and fusedtrain::sgd_step_: check every argument,
+// prepare per-tensor pointers and coefficients, then run the active instruction set's element
+// loops over all tensors in one parallel region.
+#include <torch/library.h>
+
+#include "../multi_tensor_checks.h"
+#include "cpu_isa.h"
+#include "multi_tensor.h"
+
+namespace fusedtrain {
+namespace cpu {
+namespace {
+
+bool step_skipped(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && read_scalar(*found_inf) != 0.0;
+}
+
+double grad_scale_value(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? read_scalar(*grad_scale) : 1.0;
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList steps, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* kOp = "adam_step_";
+  const size_t n = params.size();
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "exp_avgs", exp_avgs, n);
+  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
+  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
+  check_list_length(kOp, "steps", steps, n);
+  check_scale_and_inf(kOp, grad_scale, found_inf, at::kCPU);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, params, i, at::kCPU);
+    check_like_param(kOp, "grads", grads, i, params[i]);
+    check_like_param(kOp, "exp_avgs", exp_avgs, i, params[i]);
+    check_like_param(kOp, "exp_avg_sqs", exp_avg_sqs, i, params[i]);
+    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, i, params[i]);
+    check_scalar_tensor(kOp, "steps", steps[i], at::kCPU, static_cast<int64_t>(i));
+  }
+  if (n == 0 || step_skipped(found_inf)) return;
+
+  const AdamOptions options{amsgrad, weight_decay != 0.0 && !decoupled, grad_scale.has_value(),
+                            grad_scale_value(grad_scale)};
+  std::vector<ParamTensors> staged;
+  std::vector<AdamTensor> tensors;
+  std::vector<int64_t> numels;
+  staged.reserve(n);
+  tensors.reserve(n);
+  numels.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> group{params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]};
+    if (amsgrad) group.push_back(max_exp_avg_sqs[i]);
+    staged.emplace_back(std::move(group));
+    const ParamTensors& s = staged.back();
+
+    const double step = read_scalar(steps[i]) + 1.0;
+    write_scalar(steps[i], step);
+    tensors.push_back(AdamTensor{
+        storage_of(params[i].scalar_type()), s.data(0), s.data(1), s.data(2), s.data(3),
+        amsgrad ? s.data(4) : nullptr,
+        math::make_adam_coeffs<float>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                                      step),
+        math::make_adam_coeffs<double>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                                       step)});
+    numels.push_back(params[i].numel());
+  }
+
+  const AdamRangeFn adam_range = active_kernels().adam;
+  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) {
+    adam_range(options, tensors[t], begin, end);
+  });
+
+  // param, grad (written only when unscaled), exp_avg, exp_avg_sq, max_exp_avg_sq
+  const std::vector<bool> mutated{true, options.has_grad_scale, true, true, true};
+  for (const ParamTensors& s : staged) s.finish(mutated);
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  double lr, double momentum, double dampening, double weight_decay,
+                  bool nesterov, bool maximize, bool first_step,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* kOp = "sgd_step_";
+  const size_t n = params.size();
+  const bool has_momentum = momentum != 0.0;
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "momentum_buffers", momentum_buffers, has_momentum ? n : 0);
+  check_scale_and_inf(kOp, grad_scale, found_inf, at::kCPU);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, params, i, at::kCPU);
+    check_like_param(kOp, "grads", grads, i, params[i]);
+    if (has_momentum) check_like_param(kOp, "momentum_buffers", momentum_buffers, i, params[i]);
+  }
+  if (n == 0 || step_skipped(found_inf)) return;
+
+  const SgdOptions options{weight_decay != 0.0,
+                           has_momentum,
+                           first_step,
+                           nesterov,
+                           grad_scale.has_value(),
+                           grad_scale_value(grad_scale),
+                           math::make_sgd_coeffs<float>(lr, momentum, dampening, weight_decay,
+                                                        maximize),
+                           math::make_sgd_coeffs<double>(lr, momentum, dampening, weight_decay,
+                                                         maximize)};
+  std::vector<ParamTensors> staged;
+  std::vector<SgdTensor> tensors;
+  std::vector<int64_t> numels;
+  staged.reserve(n);
+  tensors.reserve(n);
+  numels.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> group{params[i], grads[i]};
+    if (has_momentum) group.push_back(momentum_buffers[i]);
+    staged.emplace_back(std::move(group));
+    const ParamTensors& s = staged.back();
+    tensors.push_back(SgdTensor{storage_of(params[i].scalar_type()), s.data(0), s.data(1),
+                                has_momentum ? s.data(2) : nullptr});
+    numels.push_back(params[i].numel());
+  }
+
+  const SgdRangeFn sgd_range = active_kernels().sgd;
+  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t end) {
+    sgd_range(options, tensors[t], begin, end);
+  });
+
+  // param, grad (written only when unscaled), momentum_buffer
+  const std::vector<bool> mutated{true, options.has_grad_scale, true};
+  for (const ParamTensors& s : staged) s.finish(mutated);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusedtrain

@@ -1,0 +1,11 @@
+"""fusedtrain: fused kernels for the PyTorch training loop.
+
+    from fusedtrain.optim import Adam      # was: from torch.optim import Adam
+"""
+
+__version__ = "0.1.0"
+
+from fusedtrain import _extension  # noqa: F401  (loads the ops; warns once if they are missing)
+from fusedtrain import optim, reference  # noqa: E402
+
+__all__ = ["optim", "reference", "__version__"]

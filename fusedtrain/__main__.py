@@ -1,0 +1,52 @@
+"""Command-line tools: `python -m fusedtrain info`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+
+import torch
+
+import fusedtrain
+from fusedtrain import _dispatch, _extension
+
+
+def info_lines() -> list[str]:
+    """What this installation can run, one fact per line."""
+    lines = [
+        f"fusedtrain {fusedtrain.__version__}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"python {platform.python_version()} on {platform.machine()}",
+    ]
+    if _extension.native_available():
+        c = _extension._C
+        lines.append(f"native extension: built ({c.__file__})")
+        lines.append(f"  CPU kernels: yes, instruction set {c.cpu_isa()} "
+                     f"(this CPU supports: {', '.join(c.supported_cpu_isas())})")
+        lines.append(f"  CUDA kernels: {'yes' if 'cuda' in _dispatch.native_devices() else 'not built'}")
+    else:
+        lines.append(f"native extension: not available ({_extension.LOAD_ERROR})")
+    cuda = torch.cuda.is_available()
+    lines.append(f"CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}")
+    triton = importlib.util.find_spec("triton") is not None
+    lines.append(f"triton: {'installed' if triton else 'not installed'}")
+    lines.append("backend 'auto' picks: "
+                 f"cpu -> {_dispatch.resolve('auto', torch.device('cpu'))}"
+                 + (f", cuda -> {_dispatch.resolve('auto', torch.device('cuda'))}" if cuda else ""))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedtrain", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, built backends, CPU instruction set, CUDA and Triton")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Picks the implementation of each op: one table, one place.
+
+Backends: "native" (torch.ops.fusedtrain, the compiled kernels) and "reference" (plain PyTorch,
+fusedtrain.reference). "auto" takes the native kernel where one is built for the tensors' device
+and the reference otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fusedtrain import _extension, reference
+
+BACKENDS = ("auto", "native", "reference")
+OPS = ("adam_step_", "sgd_step_")
+
+
+def native_devices() -> tuple[str, ...]:
+    """Device types that have native kernels in this build."""
+    return ("cpu",) if _extension.native_available() else ()
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend ("native" or "reference") that runs ops on `device`."""
+    check_backend(backend)
+    native = device.type in native_devices()
+    if backend == "auto":
+        return "native" if native else "reference"
+    if backend == "native" and not native:
+        why = "the extension is not built" if not _extension.native_available() else (
+            f"this build has no {device.type} kernels")
+        raise RuntimeError(f"backend='native' cannot run on {device}: {why}")
+    return backend
+
+
+def op(name: str, backend: str, device: torch.device) -> Callable[..., None]:
+    """The callable implementing op `name` for `backend` on `device`."""
+    if resolve(backend, device) == "native":
+        return getattr(torch.ops.fusedtrain, name)
+    return getattr(reference, name)

@@ -1,0 +1,112 @@
+"""What the fusedtrain optimizers share: argument checks that torch.optim makes too, the features
+they do not support, and the validation of per-param state before a step mutates anything."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from fusedtrain import _dispatch
+
+
+def as_float(value: float | Tensor) -> float:
+    """A hyperparameter that torch allows as a one-element tensor, as a Python float."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def check_lr(lr: float | Tensor) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_supported(optimizer: str, capturable: bool, differentiable: bool, backend: str) -> None:
+    if capturable:
+        raise ValueError(
+            f"fusedtrain.optim.{optimizer}: capturable=True (CUDA graph capture) is not supported "
+            "by this version; pass capturable=False"
+        )
+    if differentiable:
+        raise ValueError(
+            f"fusedtrain.optim.{optimizer}: differentiable=True is not supported: the fused kernels "
+            f"update in place without autograd history; use torch.optim.{optimizer} for it"
+        )
+    _dispatch.check_backend(backend)
+
+
+def params_with_grad(optimizer: str, group: dict) -> list[Tensor]:
+    """The params of `group` that have a gradient; sparse gradients are refused as torch does."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{optimizer} does not support sparse gradients"
+                + (", please consider SparseAdam instead" if optimizer.startswith("Adam") else "")
+            )
+    return params
+
+
+def existing_states(optimizer: torch.optim.Optimizer, group_index: int, group: dict):
+    """(description, param, state) for the params of a group that have a gradient and state."""
+    for index, p in enumerate(group["params"]):
+        state = optimizer.state.get(p)
+        if p.grad is not None and state:
+            yield f"param {index} of param group {group_index}", p, state
+
+
+def step_dtype() -> torch.dtype:
+    """The dtype of torch.optim's (non-capturable) 'step' state tensors."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def check_state_tensor(optimizer: str, state: dict, key: str, param: Tensor, where: str) -> None:
+    """A state tensor that is updated element by element with `param` must match it exactly:
+    a state_dict of another model loads without complaint in torch.optim, and fails here, before
+    the step, with the key and the param named."""
+    if key not in state:
+        raise RuntimeError(f"{optimizer}: state of {where} has no '{key}'")
+    value = state[key]
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"{optimizer}: state['{key}'] of {where} must be a Tensor, got {type(value).__name__}")
+    if value.shape != param.shape:
+        raise RuntimeError(
+            f"{optimizer}: state['{key}'] of {where} has shape {tuple(value.shape)} but the param "
+            f"has shape {tuple(param.shape)}; was the state_dict loaded from another model?"
+        )
+    if value.dtype != param.dtype or value.device != param.device:
+        raise RuntimeError(
+            f"{optimizer}: state['{key}'] of {where} is {value.dtype} on {value.device} but the "
+            f"param is {param.dtype} on {param.device}"
+        )
+
+
+def check_step_tensor(optimizer: str, state: dict, where: str) -> None:
+    step = state.get("step")
+    if not isinstance(step, Tensor) or step.numel() != 1 or step.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(
+            f"{optimizer}: state['step'] of {where} must be a one-element float32 or float64 tensor, "
+            f"got {step!r}"
+        )
+
+
+def group_by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
+    """Indices of `params` per device: one kernel call per device."""
+    indices: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        indices[p.device].append(i)
+    return indices
+
+
+def amp_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """grad_scale and found_inf that torch.amp.GradScaler hands to optimizers which, like
+    torch's fused ones, unscale and skip inside the step (_step_supports_amp_scaling)."""
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device)
+    if found_inf is not None:
+        found_inf = found_inf.to(device)
+    return grad_scale, found_inf

@@ -1,0 +1,166 @@
+"""fusedtrain.optim.Adam and AdamW: torch.optim.Adam / AdamW with the same constructor, param
+groups, state (keys, dtypes) and state_dict, whose step() is one fused kernel call per device."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from fusedtrain import _dispatch
+from fusedtrain.optim import _common
+
+
+class Adam(Optimizer):
+    """Drop-in for :class:`torch.optim.Adam` (same arguments and defaults).
+
+    ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. ``backend``
+    ("auto", "native", "reference") picks the implementation; see ``python -m fusedtrain info``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        _common.check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for index in (0, 1):
+            if isinstance(betas[index], Tensor) and betas[index].numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+            if not 0.0 <= betas[index] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _common.check_supported(type(self).__name__, capturable, differentiable, backend)
+        self.backend = backend
+        defaults = {
+            "lr": lr,
+            "betas": tuple(_common.as_float(b) for b in betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+        # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            for key, default in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                                 ("capturable", False), ("differentiable", False),
+                                 ("fused", None), ("decoupled_weight_decay", False)):
+                group.setdefault(key, default)
+
+    def _params_to_update(self, group_index: int, group: dict) -> list[Tensor]:
+        """The params of a group that get a step; checks their existing state (nothing mutated)."""
+        name = type(self).__name__
+        params = _common.params_with_grad(name, group)
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        for where, p, state in _common.existing_states(self, group_index, group):
+            _common.check_step_tensor(name, state, where)
+            for key in keys:
+                _common.check_state_tensor(name, state, key, p, where)
+        return params
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            # torch.optim.Adam's state, key for key and dtype for dtype, so state_dicts move both ways.
+            state["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adam step over every param group; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every group before the first kernel runs, so a bad group mutates nothing.
+        updates = [self._params_to_update(i, g) for i, g in enumerate(self.param_groups)]
+        for group, params in zip(self.param_groups, updates):
+            if params:
+                self._update_group(group, params)
+        return loss
+
+    def _update_group(self, group: dict, params: list[Tensor]) -> None:
+        amsgrad = group["amsgrad"]
+        states = [self._init_state(p, amsgrad) for p in params]
+        beta1, beta2 = group["betas"]
+        for device, indices in _common.group_by_device(params).items():
+            grad_scale, found_inf = _common.amp_tensors(self, device)
+            _dispatch.op("adam_step_", self.backend, device)(
+                [params[i] for i in indices],
+                [params[i].grad for i in indices],
+                [states[i]["exp_avg"] for i in indices],
+                [states[i]["exp_avg_sq"] for i in indices],
+                [states[i]["max_exp_avg_sq"] for i in indices] if amsgrad else [],
+                [states[i]["step"] for i in indices],
+                _common.as_float(group["lr"]),
+                _common.as_float(beta1),
+                _common.as_float(beta2),
+                group["eps"],
+                group["weight_decay"],
+                group["decoupled_weight_decay"],
+                amsgrad,
+                group["maximize"],
+                grad_scale,
+                found_inf,
+            )
+
+
+class AdamW(Adam):
+    """Drop-in for :class:`torch.optim.AdamW`: Adam with decoupled weight decay (default 1e-2)."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True, backend=backend,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

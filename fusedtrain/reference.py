@@ -1,0 +1,117 @@
+"""Plain-PyTorch versions of every fusedtrain op, written from the math.
+
+They are the fallback when no native kernel can run, and the oracle the tests hold the kernels
+to. Each has the signature and the in-place effect of its torch.ops.fusedtrain op. The math runs
+in fp32 for 16-bit tensors (fp64 for fp64), and the result is rounded once into the storage dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _skipped(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def _unscaled_grad(grad: Tensor, grad_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    g = grad.to(dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.item()
+        grad.copy_(g)  # torch's fused optimizers leave the unscaled gradient behind
+    return g
+
+
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Adam (decoupled=False) or AdamW (decoupled=True), one step, in place.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  v_hat = max(v_hat, v) if amsgrad
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+    with g += wd p (Adam) or p *= 1 - lr wd (AdamW) first.
+    """
+    if _skipped(found_inf):
+        return
+    for i, param in enumerate(params):
+        dtype = _compute_dtype(param)
+        steps[i] += 1
+        t = steps[i].item()
+        g = _unscaled_grad(grads[i], grad_scale, dtype)
+        if maximize:
+            g = -g
+        p = param.to(dtype)
+        if weight_decay != 0:
+            if decoupled:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = exp_avgs[i].to(dtype).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * g * g
+        v_hat = v
+        if amsgrad:
+            v_hat = torch.maximum(max_exp_avg_sqs[i].to(dtype), v)
+            max_exp_avg_sqs[i].copy_(v_hat)
+        step_size = lr / (1 - beta1**t)
+        denom = v_hat.sqrt() / math.sqrt(1 - beta2**t) + eps
+        param.copy_(p - step_size * m / denom)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """SGD, one step, in place: g += wd p; b <- g (first step) or momentum b + (1 - dampening) g;
+    g <- g + momentum b (nesterov) or b; p <- p - lr g."""
+    if _skipped(found_inf):
+        return
+    for i, param in enumerate(params):
+        dtype = _compute_dtype(param)
+        g = _unscaled_grad(grads[i], grad_scale, dtype)
+        if maximize:
+            g = -g
+        p = param.to(dtype)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            if first_step:
+                buf = g
+            else:
+                buf = momentum_buffers[i].to(dtype) * momentum + (1 - dampening) * g
+            momentum_buffers[i].copy_(buf)
+            g = g + momentum * buf if nesterov else buf
+        param.copy_(p - lr * g)
