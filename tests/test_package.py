@@ -1,0 +1,84 @@
+"""The package around the kernels: `python -m fusedtrain info`, the reference backend, and
+life without the compiled extension."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedtrain
+from conftest import clone_params, make_params, train_side_by_side
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_info_reports_versions_backends_and_isa():
+    result = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"fusedtrain {fusedtrain.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    assert "triton:" in out and "CUDA device:" in out
+    if fusedtrain._extension.native_available():
+        assert f"instruction set {fusedtrain._extension._C.cpu_isa()}" in out
+        assert "backend 'auto' picks: cpu -> native" in out
+
+
+def test_cpu_isa_environment_variable_selects_the_loops():
+    if not fusedtrain._extension.native_available():
+        pytest.skip("native extension not built")
+    result = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True,
+                            text=True, timeout=120, env={**__import__("os").environ,
+                                                         "FUSEDTRAIN_CPU_ISA": "baseline"})
+    assert "instruction set baseline" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", {"amsgrad": True, "weight_decay": 0.1}),
+                                         ("AdamW", {}),
+                                         ("SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True})])
+def test_reference_backend_agrees_with_torch(name, kwargs):
+    torch_params = make_params(torch.float32, seed=50)
+    fused_params = clone_params(torch_params)
+    torch_opt = getattr(torch.optim, name)(torch_params, foreach=False, **kwargs)
+    fused_opt = getattr(fusedtrain.optim, name)(fused_params, backend="reference", **kwargs)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 100, seed=51)
+    for a, b in zip(torch_params, fused_params):
+        torch.testing.assert_close(b, a)
+
+
+def test_without_the_extension_import_warns_once_and_uses_the_reference():
+    result = run_python("""
+        import sys, warnings
+        import importlib.abc
+
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fusedtrain._C":
+                    raise ImportError("hidden for the test")
+
+        sys.meta_path.insert(0, HideExtension())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fusedtrain, fusedtrain.optim
+            import fusedtrain  # a second import must not warn again
+        import torch
+        from fusedtrain import _dispatch
+        p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+        fusedtrain.optim.Adam([p], lr=0.1).step()
+        print(len([w for w in caught if "compiled extension" in str(w.message)]),
+              _dispatch.resolve("auto", torch.device("cpu")), round(p[0].item(), 4))
+        try:
+            fusedtrain.optim.Adam([p], backend="native").step()
+        except RuntimeError as e:
+            print("native refused:", e)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1 reference 0.9"
+    assert lines[1].startswith("native refused: backend='native' cannot run on cpu")
