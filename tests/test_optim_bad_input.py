@@ -109,10 +109,16 @@ def test_state_of_the_wrong_size_after_load_state_dict(name, key):
 
 
 def test_missing_amsgrad_state_is_named():
+    """A state_dict saved without amsgrad, loaded into an amsgrad optimizer."""
     opt, params = trained_optimizer("Adam")
-    opt.param_groups[1]["amsgrad"] = True
-    with pytest.raises(RuntimeError, match="has no 'max_exp_avg_sq'"):
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["amsgrad"] = True
+    opt.load_state_dict(saved)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="state of param 0 of param group 0 has no 'max_exp_avg_sq'"):
         opt.step()
+    assert_unchanged(before, opt, params)
 
 
 @pytest.mark.parametrize("op", ["adam_step_", "sgd_step_"])

@@ -1,8 +1,10 @@
 """The package around the kernels: `python -m fusedtrain info`, the reference backend, and
 life without the compiled extension."""
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -12,14 +14,18 @@ import fusedtrain
 from conftest import clone_params, make_params, train_side_by_side
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120)
+# Subprocesses start outside the checkout, so they import the installed fusedtrain (with its
+# compiled extension) rather than the source tree.
+OUTSIDE_CHECKOUT = tempfile.gettempdir()
+
+
+def run_python(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          cwd=OUTSIDE_CHECKOUT, env=env)
 
 
 def test_info_reports_versions_backends_and_isa():
-    result = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True,
-                            text=True, timeout=120)
+    result = run_python("-m", "fusedtrain", "info")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"fusedtrain {fusedtrain.__version__}" in out
@@ -33,9 +39,7 @@ def test_info_reports_versions_backends_and_isa():
 def test_cpu_isa_environment_variable_selects_the_loops():
     if not fusedtrain._extension.native_available():
         pytest.skip("native extension not built")
-    result = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True,
-                            text=True, timeout=120, env={**__import__("os").environ,
-                                                         "FUSEDTRAIN_CPU_ISA": "baseline"})
+    result = run_python("-m", "fusedtrain", "info", env={**os.environ, "FUSEDTRAIN_CPU_ISA": "baseline"})
     assert "instruction set baseline" in result.stdout, result.stdout + result.stderr
 
 
@@ -53,7 +57,7 @@ def test_reference_backend_agrees_with_torch(name, kwargs):
 
 
 def test_without_the_extension_import_warns_once_and_uses_the_reference():
-    result = run_python("""
+    result = run_python("-c", textwrap.dedent("""
         import sys, warnings
         import importlib.abc
 
@@ -77,7 +81,7 @@ def test_without_the_extension_import_warns_once_and_uses_the_reference():
             fusedtrain.optim.Adam([p], backend="native").step()
         except RuntimeError as e:
             print("native refused:", e)
-    """)
+    """))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "1 reference 0.9"

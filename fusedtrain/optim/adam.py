@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from fusedtrain import _dispatch
 from fusedtrain.optim import _common
+from fusedtrain.optim._base import MultiTensorOptimizer
 
 
-class Adam(Optimizer):
+class Adam(MultiTensorOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (same arguments and defaults).
 
     ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. ``backend``
@@ -46,7 +47,6 @@ class Adam(Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         _common.check_supported(type(self).__name__, capturable, differentiable, backend)
-        self.backend = backend
         defaults = {
             "lr": lr,
             "betas": tuple(_common.as_float(b) for b in betas),
@@ -60,29 +60,23 @@ class Adam(Optimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults)
-        # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
+        super().__init__(params, defaults, backend)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             for key, default in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                  ("capturable", False), ("differentiable", False),
                                  ("fused", None), ("decoupled_weight_decay", False)):
                 group.setdefault(key, default)
 
-    def _params_to_update(self, group_index: int, group: dict) -> list[Tensor]:
-        """The params of a group that get a step; checks their existing state (nothing mutated)."""
+    def _check_state(self, group_index: int, group: dict) -> None:
         name = type(self).__name__
-        params = _common.params_with_grad(name, group)
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         for where, p, state in _common.existing_states(self, group_index, group):
             _common.check_step_tensor(name, state, where)
             for key in keys:
                 _common.check_state_tensor(name, state, key, p, where)
-        return params
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
@@ -94,20 +88,6 @@ class Adam(Optimizer):
             if amsgrad:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Adam step over every param group; returns the closure's loss if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Check every group before the first kernel runs, so a bad group mutates nothing.
-        updates = [self._params_to_update(i, g) for i, g in enumerate(self.param_groups)]
-        for group, params in zip(self.param_groups, updates):
-            if params:
-                self._update_group(group, params)
-        return loss
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         amsgrad = group["amsgrad"]

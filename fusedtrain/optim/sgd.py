@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from fusedtrain import _dispatch
 from fusedtrain.optim import _common
+from fusedtrain.optim._base import MultiTensorOptimizer
 
 
-class SGD(Optimizer):
+class SGD(MultiTensorOptimizer):
     """Drop-in for :class:`torch.optim.SGD` (same arguments and defaults).
 
     ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. ``backend``
@@ -41,7 +42,6 @@ class SGD(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         _common.check_supported("SGD", False, differentiable, backend)
-        self.backend = backend
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -53,40 +53,20 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults)
-        # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
-        self._step_supports_amp_scaling = True
+        super().__init__(params, defaults, backend)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             for key, default in (("nesterov", False), ("maximize", False), ("foreach", None),
                                  ("differentiable", False), ("fused", None)):
                 group.setdefault(key, default)
 
-    def _params_to_update(self, group_index: int, group: dict) -> list[Tensor]:
-        """The params of a group that get a step; checks their existing state (nothing mutated)."""
-        params = _common.params_with_grad("SGD", group)
+    def _check_state(self, group_index: int, group: dict) -> None:
         if group["momentum"] != 0:
             for where, p, state in _common.existing_states(self, group_index, group):
                 if state.get("momentum_buffer") is not None:
                     _common.check_state_tensor("SGD", state, "momentum_buffer", p, where)
-        return params
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One SGD step over every param group; returns the closure's loss if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Check every group before the first kernel runs, so a bad group mutates nothing.
-        updates = [self._params_to_update(i, g) for i, g in enumerate(self.param_groups)]
-        for group, params in zip(self.param_groups, updates):
-            if params:
-                self._update_group(group, params)
-        return loss
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         if group["momentum"] == 0:
