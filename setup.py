@@ -18,8 +18,8 @@ CSRC = ROOT / "csrc"
 # -ffp-contract=off: no fused multiply-adds behind our back, so the AVX-512, AVX2 and baseline
 # loops round identically. -fno-math-errno lets sqrt vectorize. -fopenmp makes at::parallel_for
 # use torch's OpenMP thread pool (without it the header falls back to one thread).
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 
 def cpp_sources():

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <initializer_list>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -61,31 +63,44 @@ inline Storage storage_of(at::ScalarType t) {
 // one dense layout, element i sits at the same offset in each and the loops run over raw
 // memory. Otherwise (a sliced param, a grad with other strides) the loops run on contiguous
 // copies, which finish() writes back into the tensors that the kernel mutated.
+template <size_t kMaxTensors>
 class ParamTensors {
  public:
-  explicit ParamTensors(std::vector<at::Tensor> tensors) : originals_(std::move(tensors)) {
-    const at::Tensor& param = originals_.front();
+  ParamTensors(std::initializer_list<const at::Tensor*> tensors) {
+    const at::Tensor& param = **tensors.begin();
     bool shared_layout = param.is_non_overlapping_and_dense();
-    for (const at::Tensor& t : originals_) {
-      shared_layout = shared_layout && t.strides() == param.strides();
+    for (const at::Tensor* t : tensors) {
+      shared_layout = shared_layout && t->strides() == param.strides();
     }
-    for (const at::Tensor& t : originals_) {
-      work_.push_back(shared_layout ? t : t.contiguous());
+    size_t k = 0;
+    for (const at::Tensor* t : tensors) {
+      if (shared_layout) {
+        data_[k] = t->data_ptr();
+      } else {
+        staged_.emplace_back(Staged{k, *t, t->contiguous()});
+        data_[k] = staged_.back().work.data_ptr();
+      }
+      ++k;
     }
   }
 
-  void* data(size_t k) const { return work_[k].data_ptr(); }
+  void* data(size_t k) const { return data_[k]; }
 
   // Copies staged results back; `mutated[k]` says whether tensor k was written.
-  void finish(const std::vector<bool>& mutated) const {
-    for (size_t k = 0; k < originals_.size(); ++k) {
-      if (mutated[k] && !work_[k].is_same(originals_[k])) originals_[k].copy_(work_[k]);
+  void finish(const std::array<bool, kMaxTensors>& mutated) const {
+    for (const Staged& s : staged_) {
+      if (mutated[s.index] && !s.work.is_same(s.original)) s.original.copy_(s.work);
     }
   }
 
  private:
-  std::vector<at::Tensor> originals_;
-  std::vector<at::Tensor> work_;
+  struct Staged {
+    size_t index;
+    at::Tensor original;
+    at::Tensor work;
+  };
+  std::array<void*, kMaxTensors> data_{};
+  std::vector<Staged> staged_;  // empty in the common, shared-layout case
 };
 
 // Reads a one-element float32/float64 CPU tensor without a dispatcher round trip.

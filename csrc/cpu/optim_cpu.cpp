@@ -45,27 +45,40 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
   const AdamOptions options{amsgrad, weight_decay != 0.0 && !decoupled, grad_scale.has_value(),
                             grad_scale_value(grad_scale)};
-  std::vector<ParamTensors> staged;
+  std::vector<ParamTensors<5>> staged;
   std::vector<AdamTensor> tensors;
   std::vector<int64_t> numels;
   staged.reserve(n);
   tensors.reserve(n);
   numels.reserve(n);
+  AdamTensor coeffs_of_last_step{};  // params usually share a step count: fold it once
+  double last_step = -1.0;
   for (size_t i = 0; i < n; ++i) {
-    std::vector<at::Tensor> group{params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]};
-    if (amsgrad) group.push_back(max_exp_avg_sqs[i]);
-    staged.emplace_back(std::move(group));
-    const ParamTensors& s = staged.back();
-
+    if (amsgrad) {
+      staged.emplace_back(std::initializer_list<const at::Tensor*>{
+          &params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &max_exp_avg_sqs[i]});
+    } else {
+      staged.emplace_back(std::initializer_list<const at::Tensor*>{
+          &params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]});
+    }
     const double step = read_scalar(steps[i]) + 1.0;
     write_scalar(steps[i], step);
-    tensors.push_back(AdamTensor{
-        storage_of(params[i].scalar_type()), s.data(0), s.data(1), s.data(2), s.data(3),
-        amsgrad ? s.data(4) : nullptr,
-        math::make_adam_coeffs<float>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                                      step),
-        math::make_adam_coeffs<double>(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                                       step)});
+    if (step != last_step) {
+      last_step = step;
+      coeffs_of_last_step.coeffs_f32 = math::make_adam_coeffs<float>(
+          lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step);
+      coeffs_of_last_step.coeffs_f64 = math::make_adam_coeffs<double>(
+          lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step);
+    }
+    const ParamTensors<5>& s = staged.back();
+    AdamTensor t = coeffs_of_last_step;
+    t.storage = storage_of(params[i].scalar_type());
+    t.param = s.data(0);
+    t.grad = s.data(1);
+    t.exp_avg = s.data(2);
+    t.exp_avg_sq = s.data(3);
+    t.max_exp_avg_sq = amsgrad ? s.data(4) : nullptr;
+    tensors.push_back(t);
     numels.push_back(params[i].numel());
   }
 
@@ -75,8 +88,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   });
 
   // param, grad (written only when unscaled), exp_avg, exp_avg_sq, max_exp_avg_sq
-  const std::vector<bool> mutated{true, options.has_grad_scale, true, true, true};
-  for (const ParamTensors& s : staged) s.finish(mutated);
+  const std::array<bool, 5> mutated{true, options.has_grad_scale, true, true, true};
+  for (const ParamTensors<5>& s : staged) s.finish(mutated);
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -107,17 +120,20 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                                                         maximize),
                            math::make_sgd_coeffs<double>(lr, momentum, dampening, weight_decay,
                                                          maximize)};
-  std::vector<ParamTensors> staged;
+  std::vector<ParamTensors<3>> staged;
   std::vector<SgdTensor> tensors;
   std::vector<int64_t> numels;
   staged.reserve(n);
   tensors.reserve(n);
   numels.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    std::vector<at::Tensor> group{params[i], grads[i]};
-    if (has_momentum) group.push_back(momentum_buffers[i]);
-    staged.emplace_back(std::move(group));
-    const ParamTensors& s = staged.back();
+    if (has_momentum) {
+      staged.emplace_back(
+          std::initializer_list<const at::Tensor*>{&params[i], &grads[i], &momentum_buffers[i]});
+    } else {
+      staged.emplace_back(std::initializer_list<const at::Tensor*>{&params[i], &grads[i]});
+    }
+    const ParamTensors<3>& s = staged.back();
     tensors.push_back(SgdTensor{storage_of(params[i].scalar_type()), s.data(0), s.data(1),
                                 has_momentum ? s.data(2) : nullptr});
     numels.push_back(params[i].numel());
@@ -129,8 +145,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   });
 
   // param, grad (written only when unscaled), momentum_buffer
-  const std::vector<bool> mutated{true, options.has_grad_scale, true};
-  for (const ParamTensors& s : staged) s.finish(mutated);
+  const std::array<bool, 3> mutated{true, options.has_grad_scale, true};
+  for (const ParamTensors<3>& s : staged) s.finish(mutated);
 }
 
 }  // namespace
