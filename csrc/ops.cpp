@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/optim_cpu.h"
 
 TORCH_LIBRARY(fusedtrain, m) {
   // Adam / AdamW over lists of tensors, in place: increments each steps[i], then updates
@@ -25,6 +26,33 @@ TORCH_LIBRARY(fusedtrain, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The CPU kernels without the dispatcher, for eager steps (see cpu/optim_cpu.h). Like
+  // torch's fused optimizers they leave the tensors' version counters alone.
+  // pybind11 converts Python lists to std::vector, not to the kernels' at::TensorList views.
+  using Tensors = std::vector<at::Tensor>;
+  using OptionalTensor = std::optional<at::Tensor>;
+  m.def(
+      "adam_step_cpu",
+      [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+         const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
+         double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+         bool amsgrad, bool maximize, const OptionalTensor& grad_scale,
+         const OptionalTensor& found_inf) {
+        fusedtrain::cpu::adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                       steps, lr, beta1, beta2, eps, weight_decay, decoupled,
+                                       amsgrad, maximize, grad_scale, found_inf);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "sgd_step_cpu",
+      [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers, double lr,
+         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+         bool first_step, const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+        fusedtrain::cpu::sgd_step_cpu(params, grads, momentum_buffers, lr, momentum, dampening,
+                                      weight_decay, nesterov, maximize, first_step, grad_scale,
+                                      found_inf);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", [] { return std::string(fusedtrain::cpu::active_kernels().name); },
         "The instruction set the CPU kernels run.");
   m.def("supported_cpu_isas", &fusedtrain::cpu::supported_isas,

@@ -42,6 +42,11 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def op(name: str, backend: str, device: torch.device) -> Callable[..., None]:
     """The callable implementing op `name` for `backend` on `device`."""
-    if resolve(backend, device) == "native":
-        return getattr(torch.ops.fusedtrain, name)
-    return getattr(reference, name)
+    if resolve(backend, device) == "reference":
+        return getattr(reference, name)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        # The same CPU kernel that torch.ops.fusedtrain.<name> runs, bound without the
+        # dispatcher, whose conversion of six Python lists of tensors costs as much as updating
+        # 1e5 elements. torch.compile traces the op itself.
+        return getattr(_extension._C, name.rstrip("_") + "_cpu")
+    return getattr(torch.ops.fusedtrain, name)

@@ -74,7 +74,7 @@ void with_format(Storage storage, F&& f) {
   }
 }
 
-template <typename Fmt, bool kAmsgrad, bool kCoupledDecay, bool kStoreGrad>
+template <typename Fmt, bool kAmsgrad, bool kCoupledDecay, bool kUnscaleGrad>
 void adam_loop(const AdamTensor& t, typename Fmt::compute_t grad_scale, int64_t begin,
                int64_t end) {
   using S = typename Fmt::storage_t;
@@ -90,13 +90,13 @@ void adam_loop(const AdamTensor& t, typename Fmt::compute_t grad_scale, int64_t 
     T m = Fmt::load(exp_avg[i]);
     T v = Fmt::load(exp_avg_sq[i]);
     T v_max = kAmsgrad ? Fmt::load(max_exp_avg_sq[i]) : T(0);
-    const T g = Fmt::load(grad[i]) / grad_scale;  // exact when grad_scale == 1
+    const T g = kUnscaleGrad ? Fmt::load(grad[i]) / grad_scale : Fmt::load(grad[i]);
     math::adam_element<kAmsgrad, kCoupledDecay>(p, g, m, v, v_max, c);
     param[i] = Fmt::store(p);
     exp_avg[i] = Fmt::store(m);
     exp_avg_sq[i] = Fmt::store(v);
     if (kAmsgrad) max_exp_avg_sq[i] = Fmt::store(v_max);
-    if (kStoreGrad) grad[i] = Fmt::store(g);
+    if (kUnscaleGrad) grad[i] = Fmt::store(g);
   }
 }
 
@@ -106,9 +106,9 @@ void adam_range(const AdamOptions& o, const AdamTensor& t, int64_t begin, int64_
     using T = typename Fmt::compute_t;
     with_flag(o.amsgrad, [&](auto amsgrad) {
       with_flag(o.coupled_decay, [&](auto coupled) {
-        with_flag(o.has_grad_scale, [&](auto store_grad) {
+        with_flag(o.has_grad_scale, [&](auto unscale_grad) {
           adam_loop<Fmt, decltype(amsgrad)::value, decltype(coupled)::value,
-                    decltype(store_grad)::value>(t, static_cast<T>(o.grad_scale), begin, end);
+                    decltype(unscale_grad)::value>(t, static_cast<T>(o.grad_scale), begin, end);
         });
       });
     });
@@ -116,7 +116,7 @@ void adam_range(const AdamOptions& o, const AdamTensor& t, int64_t begin, int64_
 }
 
 template <typename Fmt, bool kDecay, bool kMomentum, bool kFirstStep, bool kNesterov,
-          bool kStoreGrad>
+          bool kUnscaleGrad>
 void sgd_loop(const SgdOptions& o, const SgdTensor& t, int64_t begin, int64_t end) {
   using S = typename Fmt::storage_t;
   using T = typename Fmt::compute_t;
@@ -128,11 +128,11 @@ void sgd_loop(const SgdOptions& o, const SgdTensor& t, int64_t begin, int64_t en
   for (int64_t i = begin; i < end; ++i) {
     T p = Fmt::load(param[i]);
     T b = (kMomentum && !kFirstStep) ? Fmt::load(momentum_buffer[i]) : T(0);
-    const T g = Fmt::load(grad[i]) / grad_scale;
+    const T g = kUnscaleGrad ? Fmt::load(grad[i]) / grad_scale : Fmt::load(grad[i]);
     math::sgd_element<kDecay, kMomentum, kFirstStep, kNesterov>(p, g, b, c);
     param[i] = Fmt::store(p);
     if (kMomentum) momentum_buffer[i] = Fmt::store(b);
-    if (kStoreGrad) grad[i] = Fmt::store(g);
+    if (kUnscaleGrad) grad[i] = Fmt::store(g);
   }
 }
 
@@ -140,17 +140,17 @@ void sgd_range(const SgdOptions& o, const SgdTensor& t, int64_t begin, int64_t e
   with_format(t.storage, [&](auto fmt) {
     using Fmt = decltype(fmt);
     with_flag(o.weight_decay, [&](auto decay) {
-      with_flag(o.has_grad_scale, [&](auto store_grad) {
+      with_flag(o.has_grad_scale, [&](auto unscale_grad) {
         constexpr bool kDecay = decltype(decay)::value;
-        constexpr bool kStore = decltype(store_grad)::value;
+        constexpr bool kUnscale = decltype(unscale_grad)::value;
         if (!o.momentum) {
-          sgd_loop<Fmt, kDecay, false, false, false, kStore>(o, t, begin, end);
+          sgd_loop<Fmt, kDecay, false, false, false, kUnscale>(o, t, begin, end);
           return;
         }
         with_flag(o.first_step, [&](auto first) {
           with_flag(o.nesterov, [&](auto nesterov) {
             sgd_loop<Fmt, kDecay, true, decltype(first)::value, decltype(nesterov)::value,
-                     kStore>(o, t, begin, end);
+                     kUnscale>(o, t, begin, end);
           });
         });
       });

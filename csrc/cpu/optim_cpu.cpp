@@ -1,6 +1,8 @@
 // CPU implementations of fusedtrain::adam_step_ and fusedtrain::sgd_step_: check every argument,
 // prepare per-tensor pointers and coefficients, then run the active instruction set's element
 // loops over all tensors in one parallel region.
+#include "optim_cpu.h"
+
 #include <torch/library.h>
 
 #include "../multi_tensor_checks.h"
@@ -18,6 +20,8 @@ bool step_skipped(const std::optional<at::Tensor>& found_inf) {
 double grad_scale_value(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() ? read_scalar(*grad_scale) : 1.0;
 }
+
+}  // namespace
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -148,8 +152,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const std::array<bool, 3> mutated{true, options.has_grad_scale, true};
   for (const ParamTensors<3>& s : staged) s.finish(mutated);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
   m.impl("adam_step_", &adam_step_cpu);

@@ -13,23 +13,37 @@ from fusedtrain.optim import _common
 class MultiTensorOptimizer(Optimizer):
     """A torch.optim.Optimizer whose step updates each param group with one multi-tensor op.
 
-    Subclasses provide `_check_state` (validate existing per-param state, mutating nothing) and
-    `_update_group` (create missing state and run the op)."""
+    Subclasses provide `_check_state` (validate existing per-param state, mutating nothing),
+    `_make_plan` (create missing state and gather the tensor lists of a group's kernel calls)
+    and `_run_plan` (make those calls). Plans are cached: a step over many small tensors is
+    dominated by Python bookkeeping otherwise. A plan is rebuilt when the set of params with a
+    gradient changes, and all plans are dropped when state comes in through load_state_dict.
+    """
 
     def __init__(self, params, defaults: dict, backend: str) -> None:
         self.backend = backend
         super().__init__(params, defaults)
+        self._reset_step_caches()
+
+    def _reset_step_caches(self) -> None:
         # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
-        # State the optimizer created itself is right by construction; state that came in
-        # through load_state_dict is checked once, in full, at the next step.
+        # State this optimizer created is right by construction; state that came in through
+        # load_state_dict (or unpickling) is checked in full once, at the next step.
         self._state_needs_check = True
-        self.register_load_state_dict_post_hook(_request_state_check)
+        self._plans: dict[int, tuple[tuple, object]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "backend": self.backend}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("_state_needs_check", True)
+        self._reset_step_caches()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._reset_step_caches()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,15 +61,30 @@ class MultiTensorOptimizer(Optimizer):
             self._state_needs_check = False
         for group, params in zip(self.param_groups, updates):
             if params:
-                self._update_group(group, params)
+                self._run_plan(group, self._plan(group, params))
         return loss
+
+    def _plan(self, group: dict, params: list[Tensor]):
+        # Params are compared by identity: Tensor.__eq__ is elementwise.
+        key = (tuple(map(id, params)), self._plan_flags(group))
+        cached = self._plans.get(id(group))
+        if cached is None or cached[0] != key:
+            cached = (key, self._make_plan(group, params))
+            self._plans[id(group)] = cached
+        return cached[1]
+
+    def _forget_plan(self, group: dict) -> None:
+        self._plans.pop(id(group), None)
+
+    def _plan_flags(self, group: dict) -> tuple:
+        """Hyperparameters that change which state tensors a plan holds."""
+        raise NotImplementedError
 
     def _check_state(self, group_index: int, group: dict) -> None:
         raise NotImplementedError
 
-    def _update_group(self, group: dict, params: list[Tensor]) -> None:
+    def _make_plan(self, group: dict, params: list[Tensor]):
         raise NotImplementedError
 
-
-def _request_state_check(optimizer: MultiTensorOptimizer) -> None:
-    optimizer._state_needs_check = True
+    def _run_plan(self, group: dict, plan) -> None:
+        raise NotImplementedError

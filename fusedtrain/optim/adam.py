@@ -3,6 +3,8 @@ groups, state (keys, dtypes) and state_dict, whose step() is one fused kernel ca
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -10,6 +12,17 @@ from torch.optim.optimizer import ParamsT
 from fusedtrain import _dispatch
 from fusedtrain.optim import _common
 from fusedtrain.optim._base import MultiTensorOptimizer
+
+
+class AdamBucket(NamedTuple):
+    """The tensors of one adam_step_ call: a param group's params with a gradient, on one device."""
+
+    device: torch.device
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
 
 
 class Adam(MultiTensorOptimizer):
@@ -78,6 +91,25 @@ class Adam(MultiTensorOptimizer):
             for key in keys:
                 _common.check_state_tensor(name, state, key, p, where)
 
+    def _plan_flags(self, group: dict) -> tuple:
+        return (group["amsgrad"],)
+
+    def _make_plan(self, group: dict, params: list[Tensor]) -> list[AdamBucket]:
+        amsgrad = group["amsgrad"]
+        states = [self._init_state(p, amsgrad) for p in params]
+        buckets = []
+        for device, indices in _common.group_by_device(params).items():
+            bucket_states = [states[i] for i in indices]
+            buckets.append(AdamBucket(
+                device,
+                [params[i] for i in indices],
+                [s["exp_avg"] for s in bucket_states],
+                [s["exp_avg_sq"] for s in bucket_states],
+                [s["max_exp_avg_sq"] for s in bucket_states] if amsgrad else [],
+                [s["step"] for s in bucket_states],
+            ))
+        return buckets
+
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if not state:
@@ -89,26 +121,24 @@ class Adam(MultiTensorOptimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update_group(self, group: dict, params: list[Tensor]) -> None:
-        amsgrad = group["amsgrad"]
-        states = [self._init_state(p, amsgrad) for p in params]
+    def _run_plan(self, group: dict, plan: list[AdamBucket]) -> None:
         beta1, beta2 = group["betas"]
-        for device, indices in _common.group_by_device(params).items():
-            grad_scale, found_inf = _common.amp_tensors(self, device)
-            _dispatch.op("adam_step_", self.backend, device)(
-                [params[i] for i in indices],
-                [params[i].grad for i in indices],
-                [states[i]["exp_avg"] for i in indices],
-                [states[i]["exp_avg_sq"] for i in indices],
-                [states[i]["max_exp_avg_sq"] for i in indices] if amsgrad else [],
-                [states[i]["step"] for i in indices],
+        for bucket in plan:
+            grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
+            _dispatch.op("adam_step_", self.backend, bucket.device)(
+                bucket.params,
+                [p.grad for p in bucket.params],
+                bucket.exp_avgs,
+                bucket.exp_avg_sqs,
+                bucket.max_exp_avg_sqs,
+                bucket.steps,
                 _common.as_float(group["lr"]),
                 _common.as_float(beta1),
                 _common.as_float(beta2),
                 group["eps"],
                 group["weight_decay"],
                 group["decoupled_weight_decay"],
-                amsgrad,
+                group["amsgrad"],
                 group["maximize"],
                 grad_scale,
                 found_inf,

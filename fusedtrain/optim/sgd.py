@@ -3,6 +3,8 @@ state_dict, whose step() is one fused kernel call per device."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -10,6 +12,19 @@ from torch.optim.optimizer import ParamsT
 from fusedtrain import _dispatch
 from fusedtrain.optim import _common
 from fusedtrain.optim._base import MultiTensorOptimizer
+
+
+class SgdBucket(NamedTuple):
+    """The tensors of one sgd_step_ call (device None: not yet split by device)."""
+
+    device: torch.device | None
+    params: list[Tensor]
+    buffers: list[Tensor]  # empty without momentum
+
+
+class SgdPlan(NamedTuple):
+    continuing: list[SgdBucket]
+    starting: list[Tensor]
 
 
 class SGD(MultiTensorOptimizer):
@@ -68,34 +83,50 @@ class SGD(MultiTensorOptimizer):
                 if state.get("momentum_buffer") is not None:
                     _common.check_state_tensor("SGD", state, "momentum_buffer", p, where)
 
-    def _update_group(self, group: dict, params: list[Tensor]) -> None:
-        if group["momentum"] == 0:
-            self._run(group, params, [], first_step=False)
-            return
-        # torch starts a momentum buffer as a copy of the first gradient it sees, param by param:
-        # params that have a buffer and params that start one take separate kernel calls.
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
-        continuing = [i for i, b in enumerate(buffers) if b is not None]
-        starting = [i for i, b in enumerate(buffers) if b is None]
-        if continuing:
-            self._run(group, [params[i] for i in continuing], [buffers[i] for i in continuing],
-                      first_step=False)
-        if starting:
-            new_params = [params[i] for i in starting]
-            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in new_params]
-            if self._run(group, new_params, new_buffers, first_step=True):
-                for p, b in zip(new_params, new_buffers):
-                    self.state[p]["momentum_buffer"] = b
+    def _plan_flags(self, group: dict) -> tuple:
+        return (group["momentum"] != 0,)
 
-    def _run(self, group: dict, params: list[Tensor], buffers: list[Tensor], first_step: bool) -> bool:
-        """Runs the kernel on `params`; False if GradScaler's found_inf skipped the step."""
+    def _make_plan(self, group: dict, params: list[Tensor]) -> SgdPlan:
+        """Params whose momentum buffer exists (or that need none), by device, and the params
+        that start a buffer this step: torch starts it as a copy of the first gradient, so
+        those take a separate first_step call and the plan is rebuilt afterwards."""
+        if group["momentum"] == 0:
+            continuing, buffers, starting = params, None, []
+        else:
+            buffer_of = [self.state[p].get("momentum_buffer") for p in params]
+            continuing = [p for p, b in zip(params, buffer_of) if b is not None]
+            buffers = [b for b in buffer_of if b is not None]
+            starting = [p for p, b in zip(params, buffer_of) if b is None]
+        buckets = [
+            SgdBucket(device, [continuing[i] for i in indices],
+                      [buffers[i] for i in indices] if buffers is not None else [])
+            for device, indices in _common.group_by_device(continuing).items()
+        ]
+        return SgdPlan(buckets, starting)
+
+    def _run_plan(self, group: dict, plan: SgdPlan) -> None:
+        for bucket in plan.continuing:
+            self._call(group, bucket, first_step=False)
+        if plan.starting:
+            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in plan.starting]
+            if self._call(group, SgdBucket(None, plan.starting, new_buffers), first_step=True):
+                for p, b in zip(plan.starting, new_buffers):
+                    self.state[p]["momentum_buffer"] = b
+                self._forget_plan(group)
+
+    def _call(self, group: dict, bucket: SgdBucket, first_step: bool) -> bool:
+        """Runs sgd_step_ on the bucket (per device if it has none); False if GradScaler's
+        found_inf skipped the step."""
         skipped = False
-        for device, indices in _common.group_by_device(params).items():
+        by_device = ({bucket.device: range(len(bucket.params))} if bucket.device is not None
+                     else _common.group_by_device(bucket.params))
+        for device, indices in by_device.items():
+            params = [bucket.params[i] for i in indices]
             grad_scale, found_inf = _common.amp_tensors(self, device)
             _dispatch.op("sgd_step_", self.backend, device)(
-                [params[i] for i in indices],
-                [params[i].grad for i in indices],
-                [buffers[i] for i in indices] if buffers else [],
+                params,
+                [p.grad for p in params],
+                [bucket.buffers[i] for i in indices] if bucket.buffers else [],
                 _common.as_float(group["lr"]),
                 group["momentum"],
                 group["dampening"],
