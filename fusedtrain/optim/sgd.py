@@ -15,16 +15,16 @@ from fusedtrain.optim._base import MultiTensorOptimizer
 
 
 class SgdBucket(NamedTuple):
-    """The tensors of one sgd_step_ call (device None: not yet split by device)."""
+    """The tensors of one sgd_step_ call: a param group's params on one device."""
 
-    device: torch.device | None
+    device: torch.device
     params: list[Tensor]
-    buffers: list[Tensor]  # empty without momentum
+    buffers: list[Tensor]  # empty without momentum, or before the buffers exist
 
 
 class SgdPlan(NamedTuple):
-    continuing: list[SgdBucket]
-    starting: list[Tensor]
+    continuing: list[SgdBucket]  # params with a momentum buffer, or without momentum
+    starting: list[SgdBucket]  # params whose momentum buffer starts this step
 
 
 class SGD(MultiTensorOptimizer):
@@ -91,51 +91,48 @@ class SGD(MultiTensorOptimizer):
         that start a buffer this step: torch starts it as a copy of the first gradient, so
         those take a separate first_step call and the plan is rebuilt afterwards."""
         if group["momentum"] == 0:
-            continuing, buffers, starting = params, None, []
-        else:
-            buffer_of = [self.state[p].get("momentum_buffer") for p in params]
-            continuing = [p for p, b in zip(params, buffer_of) if b is not None]
-            buffers = [b for b in buffer_of if b is not None]
-            starting = [p for p, b in zip(params, buffer_of) if b is None]
-        buckets = [
-            SgdBucket(device, [continuing[i] for i in indices],
-                      [buffers[i] for i in indices] if buffers is not None else [])
-            for device, indices in _common.group_by_device(continuing).items()
-        ]
-        return SgdPlan(buckets, starting)
+            return SgdPlan(_buckets(params, None), [])
+        buffer_of = [self.state[p].get("momentum_buffer") for p in params]
+        continuing = [p for p, b in zip(params, buffer_of) if b is not None]
+        starting = [p for p, b in zip(params, buffer_of) if b is None]
+        return SgdPlan(_buckets(continuing, [b for b in buffer_of if b is not None]),
+                       _buckets(starting, None))
 
     def _run_plan(self, group: dict, plan: SgdPlan) -> None:
         for bucket in plan.continuing:
             self._call(group, bucket, first_step=False)
-        if plan.starting:
-            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in plan.starting]
-            if self._call(group, SgdBucket(None, plan.starting, new_buffers), first_step=True):
-                for p, b in zip(plan.starting, new_buffers):
+        for bucket in plan.starting:
+            new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in bucket.params]
+            if self._call(group, bucket._replace(buffers=new_buffers), first_step=True):
+                for p, b in zip(bucket.params, new_buffers):
                     self.state[p]["momentum_buffer"] = b
-                self._forget_plan(group)
+        if plan.starting:
+            self._forget_plan(group)
 
     def _call(self, group: dict, bucket: SgdBucket, first_step: bool) -> bool:
-        """Runs sgd_step_ on the bucket (per device if it has none); False if GradScaler's
-        found_inf skipped the step."""
-        skipped = False
-        by_device = ({bucket.device: range(len(bucket.params))} if bucket.device is not None
-                     else _common.group_by_device(bucket.params))
-        for device, indices in by_device.items():
-            params = [bucket.params[i] for i in indices]
-            grad_scale, found_inf = _common.amp_tensors(self, device)
-            _dispatch.op("sgd_step_", self.backend, device)(
-                params,
-                [p.grad for p in params],
-                [bucket.buffers[i] for i in indices] if bucket.buffers else [],
-                _common.as_float(group["lr"]),
-                group["momentum"],
-                group["dampening"],
-                _common.as_float(group["weight_decay"]),
-                group["nesterov"],
-                group["maximize"],
-                first_step,
-                grad_scale,
-                found_inf,
-            )
-            skipped = skipped or (found_inf is not None and bool(found_inf.item() != 0))
-        return not skipped
+        """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped the step."""
+        grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
+        _dispatch.op("sgd_step_", self.backend, bucket.device)(
+            bucket.params,
+            [p.grad for p in bucket.params],
+            bucket.buffers,
+            _common.as_float(group["lr"]),
+            group["momentum"],
+            group["dampening"],
+            _common.as_float(group["weight_decay"]),
+            group["nesterov"],
+            group["maximize"],
+            first_step,
+            grad_scale,
+            found_inf,
+        )
+        return found_inf is None or not bool(found_inf.item() != 0)
+
+
+def _buckets(params: list[Tensor], buffers: list[Tensor] | None) -> list[SgdBucket]:
+    """One bucket per device; buffers None: no momentum buffers (yet)."""
+    return [
+        SgdBucket(device, [params[i] for i in indices],
+                  [buffers[i] for i in indices] if buffers is not None else [])
+        for device, indices in _common.group_by_device(params).items()
+    ]
