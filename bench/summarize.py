@@ -6,8 +6,9 @@ bench/test_optim_step.py:
 Each row is one variant: its median step time, its achieved bandwidth (bytes moved per step /
 median) and that bandwidth relative to the group's `torch-fused` and `add_` rows. A ratio is
 "this variant's speed / the other's speed", so in the fusedtrain row > 1 means fusedtrain is
-faster. Against add_ (which moves fewer bytes per element) it compares bandwidths, i.e. how close
-the variant gets to the memory bandwidth a plain streaming kernel reaches in the same run.
+faster. Against add_ (an fp32 add_ that moves the same number of bytes) it compares bandwidths,
+i.e. how close the variant gets to the memory bandwidth a plain streaming kernel reaches in the
+same run.
 conftest.py prints the same tables at the end of a benchmark run.
 """
 
@@ -38,7 +39,7 @@ def markdown(rows: list[dict]) -> str:
                   f"| variant | median | GB/s | vs {FUSED} | vs {ADD} |", "|---|---:|---:|---:|---:|"]
         for name, row in variants.items():
             ratios = [f"{gbps[name] / gbps[ref]:.2f}" if ref in gbps else "-" for ref in (FUSED, ADD)]
-            lines.append(f"| {name} | {format_time(row['median'])} | {gbps[name]:.1f} | " + " | ".join(ratios) + " |")
+            lines.append(f"| {name} | {format_time(row['median'])} | {gbps[name]:.3g} | " + " | ".join(ratios) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,43 +1,8 @@
-"""Shared fixtures: fresh random params and gradients, and runners that train a torch.optim
-optimizer and a fusedtrain one side by side on identical data."""
-
-from __future__ import annotations
-
-import copy
+"""Fixtures for every test."""
 
 import pytest
-import torch
 
 import fusedtrain
-
-# Shapes of one model's params: matrices, a vector, an odd size, a 0-dim and an empty tensor.
-PARAM_SHAPES = [(17, 9), (33,), (5, 4, 3), (), (0, 3), (1031,)]
-
-
-def make_params(dtype: torch.dtype, seed: int, shapes=PARAM_SHAPES) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((0.5 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype))
-            for s in shapes]
-
-
-def clone_params(params):
-    return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-def set_random_grads(param_sets, generator: torch.Generator) -> None:
-    """The same fresh random gradient on the corresponding param of every set."""
-    for group in zip(*param_sets):
-        grad = torch.randn(group[0].shape, generator=generator, dtype=torch.float64)
-        for p in group:
-            p.grad = grad.to(p.dtype)
-
-
-def train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        set_random_grads([torch_params, fused_params], g)
-        torch_opt.step()
-        fused_opt.step()
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +13,3 @@ def _restore_cpu_isa():
     yield
     if c is not None:
         c.set_cpu_isa(before)
-
-
-def state_tensors(opt, params):
-    return [copy.deepcopy(opt.state[p]) for p in params]

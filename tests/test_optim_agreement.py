@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedtrain.optim
-from conftest import clone_params, make_params, train_side_by_side
+from helpers import clone_params, make_params, train_side_by_side
 
 STEPS = 100
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedtrain.optim
-from conftest import clone_params, make_params, set_random_grads, train_side_by_side
+from helpers import clone_params, make_params, set_random_grads, train_side_by_side
 
 CONFIGS = {
     "Adam": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True},

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusedtrain
-from conftest import clone_params, make_params, train_side_by_side
+from helpers import clone_params, make_params, train_side_by_side
 
 
 # Subprocesses start outside the checkout, so they import the installed fusedtrain (with its
