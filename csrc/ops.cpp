@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/linear_mse_cpu.h"
 #include "cpu/optim_cpu.h"
 
 TORCH_LIBRARY(fusedtrain, m) {
@@ -23,6 +24,14 @@ TORCH_LIBRARY(fusedtrain, m) {
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Linear layer + MSE loss: the loss of x @ weight.T + bias against target (N, out; expanded
+  // by the caller) under reduction 1 (mean) or 2 (sum), and in the same pass its gradients
+  // with respect to weight and bias (need_grad_params) and x (need_grad_x); gradients not asked
+  // for come back as empty tensors. The prediction is never stored.
+  m.def(
+      "linear_mse_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int reduction, "
+      "bool need_grad_x, bool need_grad_params=True) -> (Tensor loss, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_x)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -14,7 +14,6 @@ import torch
 from fusedtrain import _extension, reference
 
 BACKENDS = ("auto", "native", "reference")
-OPS = ("adam_step_", "sgd_step_")
 
 
 def native_devices() -> tuple[str, ...]:

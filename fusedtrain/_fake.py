@@ -1,5 +1,6 @@
 """Fake (meta) kernels of the torch.ops.fusedtrain ops, so torch.compile and FakeTensor tracing
-see their effect without running them: every op here mutates its inputs and returns nothing."""
+see their effect without running them: the optimizer ops mutate their inputs and return
+nothing; the others return new tensors of the shapes computed here."""
 
 import torch
 
@@ -15,3 +16,14 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
 def _sgd_step_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                    nesterov, maximize, first_step, grad_scale=None, found_inf=None):
     return None
+
+
+@torch.library.register_fake("fusedtrain::linear_mse_fwd_bwd")
+def _linear_mse_fwd_bwd_fake(x, weight, bias, target, reduction, need_grad_x, need_grad_params=True):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(()),
+        weight.new_empty(weight.shape) if need_grad_params else empty,
+        bias.new_empty(bias.shape) if need_grad_params and bias is not None else empty,
+        x.new_empty(x.shape) if need_grad_x else empty,
+    )

@@ -12,6 +12,9 @@ import math
 import torch
 from torch import Tensor
 
+# torch's reduction codes (torch.nn._reduction.get_enum), as the linear + MSE ops take them.
+MEAN, SUM = 1, 2
+
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -115,3 +118,31 @@ def sgd_step_(
             momentum_buffers[i].copy_(buf)
             g = g + momentum * buf if nesterov else buf
         param.copy_(p - lr * g)
+
+
+def linear_mse_fwd_bwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: int,
+    need_grad_x: bool,
+    need_grad_params: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Linear + MSE loss and its gradients (reduction: 1 mean, 2 sum; target (N, out)).
+
+    r = x W^T + b - y;  loss = sum r^2 / R (R = r.numel() for mean, 1 for sum);
+    g = 2 r / R;  grad_W = g^T x;  grad_b = sum_rows g;  grad_x = g W.
+    Gradients not asked for are empty tensors, as in the op."""
+    pred = x @ weight.T
+    if bias is not None:
+        pred = pred + bias
+    r = pred - target
+    count = r.numel() if reduction == MEAN else 1
+    loss = (r * r).sum() / count
+    g = r * (2.0 / count)
+    empty = x.new_empty(0)
+    grad_weight = g.T @ x if need_grad_params else empty
+    grad_bias = g.sum(0) if need_grad_params and bias is not None else empty
+    grad_x = g @ weight if need_grad_x else empty
+    return loss, grad_weight, grad_bias, grad_x

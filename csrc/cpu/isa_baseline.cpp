@@ -3,9 +3,18 @@
 
 #define FT_ISA_NAMESPACE baseline
 #include "element_loops.h"
+#include "linear_mse_loops.h"
 
 namespace fusedtrain {
 namespace cpu {
-const IsaKernels kBaselineKernels = {"baseline", baseline::adam_range, baseline::sgd_range};
+const IsaKernels kBaselineKernels = {
+    "baseline",
+    baseline::adam_range,
+    baseline::sgd_range,
+    baseline::linear_mse_rows<float>,
+    baseline::linear_mse_rows<double>,
+    baseline::residual_rows<float>,
+    baseline::residual_rows<double>,
+};
 }  // namespace cpu
 }  // namespace fusedtrain

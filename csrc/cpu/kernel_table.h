@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "fusedtrain/adam_math.h"
+#include "fusedtrain/linear_mse_math.h"
 #include "fusedtrain/sgd_math.h"
 
 namespace fusedtrain {
@@ -56,14 +57,52 @@ struct SgdTensor {
   void* momentum_buffer;  // null without momentum
 };
 
+// Linear + MSE over rows of x (all contiguous, row-major). Each call adds its rows' squared
+// residuals to *loss and their gradients to grad_weight/grad_bias (thread-private
+// accumulators); grad_x rows are written, not accumulated.
+template <typename T>
+struct LinearMseRows {
+  const T* x;            // N x in
+  const T* weight;       // out x in
+  const T* bias;         // out, or null
+  const T* target;       // N x out
+  int64_t in;
+  int64_t out;
+  T two_over_count;      // 2 / (N * out) for "mean", 2 for "sum"
+  bool need_params_grad;  // false: loss only (and grad_x if asked)
+  T* grad_x;             // N x in, or null
+};
+constexpr int64_t kMaxFusedOut = 16;  // larger outputs go through GEMMs (see linear_mse_cpu.cpp)
+
+// Large outputs: pred (N x out) was computed by a GEMM; turn rows of it into dloss/dpred in
+// place, adding squared residuals to *loss and column sums to grad_bias (may be null).
+template <typename T>
+struct ResidualRows {
+  T* pred;
+  const T* target;
+  int64_t out;
+  T two_over_count;
+};
+
 // Update elements [begin, end) of one tensor.
 using AdamRangeFn = void (*)(const AdamOptions&, const AdamTensor&, int64_t begin, int64_t end);
 using SgdRangeFn = void (*)(const SgdOptions&, const SgdTensor&, int64_t begin, int64_t end);
+
+template <typename T>
+using LinearMseRowsFn = void (*)(const LinearMseRows<T>&, int64_t row_begin, int64_t row_end,
+                                 double* loss, T* grad_weight, T* grad_bias);
+template <typename T>
+using ResidualRowsFn = void (*)(const ResidualRows<T>&, int64_t row_begin, int64_t row_end,
+                                double* loss, T* grad_bias);
 
 struct IsaKernels {
   const char* name;
   AdamRangeFn adam;
   SgdRangeFn sgd;
+  LinearMseRowsFn<float> linear_mse_f32;
+  LinearMseRowsFn<double> linear_mse_f64;
+  ResidualRowsFn<float> residual_f32;
+  ResidualRowsFn<double> residual_f64;
 };
 
 // Defined in isa_avx512.cpp, isa_avx2.cpp and isa_baseline.cpp from the same element loops.
