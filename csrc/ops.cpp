@@ -62,6 +62,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                       found_inf);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("linear_mse_fwd_bwd_cpu", &fusedtrain::cpu::linear_mse_fwd_bwd_cpu,
+        py::call_guard<py::gil_scoped_release>());
   m.def("cpu_isa", [] { return std::string(fusedtrain::cpu::active_kernels().name); },
         "The instruction set the CPU kernels run.");
   m.def("supported_cpu_isas", &fusedtrain::cpu::supported_isas,
