@@ -3,6 +3,7 @@
 // library header is compiled for an instruction set the machine may lack.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
