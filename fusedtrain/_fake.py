@@ -20,10 +20,9 @@ def _sgd_step_fake(params, grads, momentum_buffers, lr, momentum, dampening, wei
 
 @torch.library.register_fake("fusedtrain::linear_mse_fwd_bwd")
 def _linear_mse_fwd_bwd_fake(x, weight, bias, target, reduction, need_grad_x, need_grad_params=True):
-    empty = x.new_empty(0)
     return (
         x.new_empty(()),
-        weight.new_empty(weight.shape) if need_grad_params else empty,
-        bias.new_empty(bias.shape) if need_grad_params and bias is not None else empty,
-        x.new_empty(x.shape) if need_grad_x else empty,
+        weight.new_empty(weight.shape if need_grad_params else (0,)),
+        x.new_empty(bias.shape if need_grad_params and bias is not None else (0,)),
+        x.new_empty(x.shape if need_grad_x else (0,)),
     )

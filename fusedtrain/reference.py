@@ -141,8 +141,7 @@ def linear_mse_fwd_bwd(
     count = r.numel() if reduction == MEAN else 1
     loss = (r * r).sum() / count
     g = r * (2.0 / count)
-    empty = x.new_empty(0)
-    grad_weight = g.T @ x if need_grad_params else empty
-    grad_bias = g.sum(0) if need_grad_params and bias is not None else empty
-    grad_x = g @ weight if need_grad_x else empty
+    grad_weight = g.T @ x if need_grad_params else x.new_empty(0)
+    grad_bias = g.sum(0) if need_grad_params and bias is not None else x.new_empty(0)
+    grad_x = g @ weight if need_grad_x else x.new_empty(0)
     return loss, grad_weight, grad_bias, grad_x

@@ -23,8 +23,9 @@ class LinearMSELoss(nn.Module):
         self.out_features = out_features
         self.reduction = reduction
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
