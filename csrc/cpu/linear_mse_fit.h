@@ -8,6 +8,8 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include "linear_mse_cpu.h"
+
 namespace fusedtrain {
 namespace cpu {
 
@@ -33,7 +35,7 @@ struct FitOptimizer {
 // Trains weight (out, in) and bias (out) in place on x (N, in), target (N, out) for `epochs`
 // passes of mini-batches of `batch_size` rows (0: the whole set), shuffled with `generator`
 // when given, and returns (per-epoch mean batch loss, per-epoch validation loss or an empty
-// tensor). Optimizer state tensors are updated in place: for Adam `state` is exp_avgs,
+// tensor), in x's dtype. Optimizer state tensors are updated in place: for Adam `state` is exp_avgs,
 // exp_avg_sqs, max_exp_avg_sqs (amsgrad) and steps, two of each (weight, bias) or one without
 // bias; for SGD with momentum it is the momentum buffers.
 std::tuple<at::Tensor, at::Tensor> linear_mse_fit_cpu(

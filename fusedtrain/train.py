@@ -1,0 +1,201 @@
+"""The whole training step, or the whole loop, of a linear model with an MSE loss in one native
+call: FusedTrainStep(model, optimizer)(x, y) and fit(model, optimizer, X, Y, epochs=...).
+
+Both read and write the optimizer's own state (the keys torch.optim uses), so state_dict,
+schedulers that change param_group["lr"], and going back to the stock loop all keep working.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+import fusedtrain.optim
+from fusedtrain import _extension, reference
+from fusedtrain.optim import _common
+
+_SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, fusedtrain.optim.SGD, fusedtrain.optim.Adam)
+
+
+class FitHistory(NamedTuple):
+    """Per-epoch losses: train_loss[e] is the mean of epoch e's batch losses, val_loss[e] the
+    loss on the validation set after epoch e (None without one)."""
+
+    train_loss: Tensor
+    val_loss: Tensor | None
+
+
+class _LinearMSETraining:
+    """What a fused step needs from a model and its optimizer, checked once, read fresh per call."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, caller: str) -> None:
+        if not isinstance(model, nn.Linear):
+            raise TypeError(f"{caller}: model must be a torch.nn.Linear, got {type(model).__name__}")
+        if not isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
+            raise TypeError(f"{caller}: optimizer must be SGD, Adam or AdamW (torch.optim or "
+                            f"fusedtrain.optim), got {type(optimizer).__name__}")
+        if not _extension.native_available():
+            raise RuntimeError(f"{caller} needs the compiled extension: {_extension.LOAD_ERROR}")
+        self.params = [model.weight] + ([model.bias] if model.bias is not None else [])
+        groups = optimizer.param_groups
+        owned = [p for g in groups for p in g["params"]]
+        if len(groups) != 1 or len(owned) != len(self.params) or any(
+                not any(p is q for q in owned) for p in self.params):
+            raise ValueError(f"{caller}: the optimizer must have one param group holding exactly "
+                             "the model's weight and bias")
+        group = groups[0]
+        if group.get("capturable") or group.get("differentiable"):
+            raise ValueError(f"{caller}: capturable and differentiable optimizers are not supported")
+        weight = model.weight
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{caller}: the model must be float32 or float64 on the CPU, got "
+                            f"{weight.dtype} on {weight.device}")
+        self.caller = caller
+        self.model = model
+        self.optimizer = optimizer
+        self.adam = isinstance(optimizer, (torch.optim.Adam, fusedtrain.optim.Adam))
+        self.config = _extension._C.FitOptimizer()
+
+    def data(self, x: Tensor, y: Tensor, name: str = "") -> tuple[Tensor, Tensor]:
+        """x (N, in) and the target expanded to (N, out), both contiguous, checked."""
+        weight = self.model.weight
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"{self.caller}: {name}x must have shape (N, {weight.shape[1]}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        for label, t in ((f"{name}x", x), (f"{name}y", y)):
+            if t.dtype != weight.dtype or t.device != weight.device:
+                raise TypeError(f"{self.caller}: {label} is {t.dtype} on {t.device} but the model is "
+                                f"{weight.dtype} on {weight.device}")
+        pred_shape = torch.Size((x.shape[0], weight.shape[0]))
+        if y.shape == pred_shape:
+            return x.contiguous(), y.contiguous()
+        try:
+            fits = torch.broadcast_shapes(pred_shape, y.shape) == pred_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{self.caller}: {name}y of shape {tuple(y.shape)} does not broadcast to "
+                             f"the prediction's shape {tuple(pred_shape)}")
+        warnings.warn(
+            f"Using a target size ({y.size()}) that is different to the input size ({pred_shape}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+        return x.contiguous(), y.expand(pred_shape).contiguous()
+
+    def state_and_config(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The optimizer state tensors in the native loop's order (created as torch.optim would),
+        with self.config set from the param group; and the momentum buffers to store after the
+        call when SGD starts them."""
+        group, c = self.optimizer.param_groups[0], self.config
+        c.adam = self.adam
+        c.lr = _common.as_float(group["lr"])
+        c.weight_decay = _common.as_float(group["weight_decay"])
+        c.maximize = group["maximize"]
+        state = self.optimizer.state
+        if self.adam:
+            c.beta1, c.beta2 = (_common.as_float(b) for b in group["betas"])
+            c.eps = group["eps"]
+            c.decoupled = group.get("decoupled_weight_decay", False) or isinstance(
+                self.optimizer, (torch.optim.AdamW, fusedtrain.optim.AdamW))
+            c.amsgrad = group["amsgrad"]
+            for p in self.params:
+                s = state[p]
+                if not s:
+                    s["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if c.amsgrad:
+                        s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if c.amsgrad else ()) + ("step",)
+            return [state[p][k] for k in keys for p in self.params], []
+        c.momentum, c.dampening, c.nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        if c.momentum == 0:
+            c.first_step = False
+            return [], []
+        buffers = [state[p].get("momentum_buffer") for p in self.params]
+        c.first_step = any(b is None for b in buffers)
+        if c.first_step:  # torch starts every buffer as a copy of the first gradient
+            buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+            return buffers, buffers
+        return buffers, []
+
+    def run(self, x: Tensor, y: Tensor, epochs: int, batch_size: int, generator, val) -> tuple[Tensor, Tensor]:
+        state, new_buffers = self.state_and_config()
+        bias = self.model.bias
+        result = _extension._C.linear_mse_fit_cpu(
+            x, y, self.model.weight.detach(), bias.detach() if bias is not None else None,
+            reference.MEAN, epochs, batch_size, generator, val[0] if val else None,
+            val[1] if val else None, state, self.config)
+        for p, b in zip(self.params, new_buffers):
+            self.optimizer.state[p]["momentum_buffer"] = b
+        return result
+
+
+class FusedTrainStep:
+    """``step(x, y)``: the forward pass of an nn.Linear, the MSE loss (mean), the gradients and
+    the optimizer's update, in one native call; returns the loss (detached).
+
+    Equals ``opt.zero_grad(); loss = mse_loss(model(x), y); loss.backward(); opt.step()`` except
+    that the params' ``.grad`` is left as it was. The optimizer (torch.optim or fusedtrain.optim
+    SGD, Adam or AdamW) must have one param group holding exactly the model's params.
+    """
+
+    def __init__(self, model: nn.Linear, optimizer: torch.optim.Optimizer) -> None:
+        self._training = _LinearMSETraining(model, optimizer, "FusedTrainStep")
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        # No autograd context needed: the native call sees detached params and records nothing.
+        x, y = self._training.data(x, y)
+        losses, _ = self._training.run(x, y, 1, 0, None, None)
+        return losses[0]
+
+
+def fit(model: nn.Linear, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor, *, epochs: int,
+        batch_size: int | None = None, shuffle: bool = False, generator: torch.Generator | None = None,
+        val: tuple[Tensor, Tensor] | None = None, progress: bool = False) -> FitHistory:
+    """Trains ``model`` on (X, Y) with MSE loss (mean) for ``epochs`` epochs, the whole loop in
+    native code. Equals the stock loop::
+
+        for epoch in range(epochs):
+            order = torch.randperm(len(X), generator=generator) if shuffle else torch.arange(len(X))
+            for batch in order.split(batch_size or len(X)):
+                opt.zero_grad(); mse_loss(model(X[batch]), Y[batch]).backward(); opt.step()
+
+    ``batch_size=None`` is the full batch. ``val=(X_val, Y_val)`` adds the validation loss after
+    each epoch (no gradient work). ``progress=True`` prints a progress bar, returning to Python
+    once per epoch for it (and only then).
+    """
+    training = _LinearMSETraining(model, optimizer, "fit")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+        raise ValueError(f"fit: batch_size must be a positive int or None, got {batch_size!r}")
+    x, y = training.data(X, Y)
+    val = training.data(*val, name="val ") if val is not None else None
+    if shuffle and generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
+    order = generator if shuffle else None
+    with torch.no_grad():
+        if not progress:
+            train, valid = training.run(x, y, epochs, batch_size or 0, order, val)
+        else:
+            parts = []
+            for epoch in range(epochs):
+                parts.append(training.run(x, y, 1, batch_size or 0, order, val))
+                _print_progress(epoch + 1, epochs, parts[-1][0].item())
+            train = torch.cat([p[0] for p in parts]) if parts else x.new_empty(0)
+            valid = torch.cat([p[1] for p in parts]) if parts else x.new_empty(0)
+    return FitHistory(train, valid if val is not None else None)
+
+
+def _print_progress(done: int, total: int, loss: float, width: int = 30) -> None:
+    filled = width * done // total
+    end = "\n" if done == total else ""
+    sys.stderr.write(f"\rfit [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.6g}{end}")
+    sys.stderr.flush()
