@@ -69,9 +69,19 @@ class ParamUpdater {
         const double t = read_scalar(steps_[i]) + 1.0;
         write_scalar(steps_[i], t);
         if (t != coeffs_step_) {  // weight and bias share a step count: fold it once
+          // A loop of tiny steps spends much of its time in pow(): from one step to the next,
+          // one multiplication gives beta^t to within a few ulps of a double.
+          if (t == coeffs_step_ + 1.0) {
+            beta1_pow_ *= o_.beta1;
+            beta2_pow_ *= o_.beta2;
+          } else {
+            beta1_pow_ = std::pow(o_.beta1, t);
+            beta2_pow_ = std::pow(o_.beta2, t);
+          }
           coeffs_step_ = t;
-          coeffs_ = math::make_adam_coeffs<T>(o_.lr, o_.beta1, o_.beta2, o_.eps, o_.weight_decay,
-                                              o_.decoupled, o_.maximize, t);
+          coeffs_ = math::make_adam_coeffs_from_powers<T>(o_.lr, o_.beta1, o_.beta2, o_.eps,
+                                                          o_.weight_decay, o_.decoupled,
+                                                          o_.maximize, beta1_pow_, beta2_pow_);
         }
         set_coeffs(adam_[i], coeffs_);
         kernels.adam(options, adam_[i], 0, numels_[i]);
@@ -96,7 +106,9 @@ class ParamUpdater {
 
   std::vector<std::vector<T>> grads_;
   std::vector<int64_t> numels_;
-  double coeffs_step_ = -1.0;
+  double coeffs_step_ = -2.0;  // the step count coeffs_ was folded for
+  double beta1_pow_ = 1.0;
+  double beta2_pow_ = 1.0;
   math::AdamCoeffs<T> coeffs_{};
   std::vector<at::Tensor> steps_;
   std::vector<AdamTensor> adam_;

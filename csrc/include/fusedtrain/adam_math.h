@@ -38,11 +38,13 @@ struct AdamCoeffs {
   T grad_sign;              // -1 when maximizing, else 1 (negation is exact)
 };
 
-// Hyperparameters and the step count folded in double, as torch.optim does with Python floats.
+// Hyperparameters and the step count t folded in double, as torch.optim does with Python
+// floats; beta1_pow_t and beta2_pow_t are beta1^t and beta2^t.
 template <typename T>
-FT_INLINE AdamCoeffs<T> make_adam_coeffs(double lr, double beta1, double beta2, double eps,
-                                         double weight_decay, bool decoupled, bool maximize,
-                                         double step) {
+FT_INLINE AdamCoeffs<T> make_adam_coeffs_from_powers(double lr, double beta1, double beta2,
+                                                     double eps, double weight_decay,
+                                                     bool decoupled, bool maximize,
+                                                     double beta1_pow_t, double beta2_pow_t) {
   AdamCoeffs<T> c;
   c.beta1 = static_cast<T>(beta1);
   c.one_minus_beta1 = static_cast<T>(1.0 - beta1);
@@ -51,10 +53,18 @@ FT_INLINE AdamCoeffs<T> make_adam_coeffs(double lr, double beta1, double beta2, 
   c.eps = static_cast<T>(eps);
   c.weight_decay = static_cast<T>(decoupled ? 0.0 : weight_decay);
   c.param_decay = static_cast<T>(decoupled ? 1.0 - lr * weight_decay : 1.0);
-  c.step_size = static_cast<T>(lr / (1.0 - std::pow(beta1, step)));
-  c.inv_bias_correction2_sqrt = static_cast<T>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
+  c.step_size = static_cast<T>(lr / (1.0 - beta1_pow_t));
+  c.inv_bias_correction2_sqrt = static_cast<T>(1.0 / std::sqrt(1.0 - beta2_pow_t));
   c.grad_sign = static_cast<T>(maximize ? -1.0 : 1.0);
   return c;
+}
+
+template <typename T>
+FT_INLINE AdamCoeffs<T> make_adam_coeffs(double lr, double beta1, double beta2, double eps,
+                                         double weight_decay, bool decoupled, bool maximize,
+                                         double step) {
+  return make_adam_coeffs_from_powers<T>(lr, beta1, beta2, eps, weight_decay, decoupled,
+                                         maximize, std::pow(beta1, step), std::pow(beta2, step));
 }
 
 // torch.lerp's formula: it switches ends for weights >= 0.5 to stay accurate near the end point.

@@ -24,6 +24,11 @@ constexpr int kDotLanes = 128 / sizeof(T);
 template <typename T>
 FT_INLINE T lane_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   constexpr int kLanes = kDotLanes<T>;
+  if (n < kLanes) {  // what the lanes below reduce to when they stay empty, without the work
+    T sum = T(0);
+    for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
+    return sum;
+  }
   T acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
