@@ -59,6 +59,10 @@ class _LinearMSETraining:
         self.optimizer = optimizer
         self.adam = isinstance(optimizer, (torch.optim.Adam, fusedtrain.optim.Adam))
         self.config = _extension._C.FitOptimizer()
+        self._hyper_keys = [k for k in ("lr", "weight_decay", "maximize", "betas", "eps", "amsgrad",
+                                        "decoupled_weight_decay", "momentum", "dampening", "nesterov")
+                            if k in group]
+        self._configured = None
 
     def data(self, x: Tensor, y: Tensor, name: str = "") -> tuple[Tensor, Tensor]:
         """x (N, in) and the target expanded to (N, out), both contiguous, checked."""
@@ -92,48 +96,60 @@ class _LinearMSETraining:
         """The optimizer state tensors in the native loop's order (created as torch.optim would),
         with self.config set from the param group; and the momentum buffers to store after the
         call when SGD starts them."""
-        group, c = self.optimizer.param_groups[0], self.config
-        c.adam = self.adam
-        c.lr = _common.as_float(group["lr"])
-        c.weight_decay = _common.as_float(group["weight_decay"])
-        c.maximize = group["maximize"]
+        group = self.optimizer.param_groups[0]
+        hyper = tuple(_plain(group[k]) for k in self._hyper_keys)
+        if hyper != self._configured:  # a scheduler changed something: push it to the config
+            self._configure(group)
+            self._configured = hyper
         state = self.optimizer.state
         if self.adam:
-            c.beta1, c.beta2 = (_common.as_float(b) for b in group["betas"])
-            c.eps = group["eps"]
-            c.decoupled = group.get("decoupled_weight_decay", False) or isinstance(
-                self.optimizer, (torch.optim.AdamW, fusedtrain.optim.AdamW))
-            c.amsgrad = group["amsgrad"]
             for p in self.params:
                 s = state[p]
                 if not s:
                     s["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if c.amsgrad:
+                    if self.config.amsgrad:
                         s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if c.amsgrad else ()) + ("step",)
-            return [state[p][k] for k in keys for p in self.params], []
-        c.momentum, c.dampening, c.nesterov = group["momentum"], group["dampening"], group["nesterov"]
-        if c.momentum == 0:
-            c.first_step = False
+            return [state[p][k] for k in self._state_keys for p in self.params], []
+        if self.config.momentum == 0:
             return [], []
         buffers = [state[p].get("momentum_buffer") for p in self.params]
-        c.first_step = any(b is None for b in buffers)
-        if c.first_step:  # torch starts every buffer as a copy of the first gradient
+        self.config.first_step = any(b is None for b in buffers)
+        if self.config.first_step:  # torch starts every buffer as a copy of the first gradient
             buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
             return buffers, buffers
         return buffers, []
 
+    def _configure(self, group: dict) -> None:
+        c = self.config
+        c.adam = self.adam
+        c.lr = _common.as_float(group["lr"])
+        c.weight_decay = _common.as_float(group["weight_decay"])
+        c.maximize = group["maximize"]
+        if self.adam:
+            c.beta1, c.beta2 = (_common.as_float(b) for b in group["betas"])
+            c.eps = group["eps"]
+            c.decoupled = group.get("decoupled_weight_decay", False) or isinstance(
+                self.optimizer, (torch.optim.AdamW, fusedtrain.optim.AdamW))
+            c.amsgrad = group["amsgrad"]
+            self._state_keys = (("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if c.amsgrad else ())
+                                + ("step",))
+        else:
+            c.momentum, c.dampening, c.nesterov = group["momentum"], group["dampening"], group["nesterov"]
+
     def run(self, x: Tensor, y: Tensor, epochs: int, batch_size: int, generator, val) -> tuple[Tensor, Tensor]:
         state, new_buffers = self.state_and_config()
-        bias = self.model.bias
+        # The params go in as they are: the native loop writes their memory and records no autograd.
         result = _extension._C.linear_mse_fit_cpu(
-            x, y, self.model.weight.detach(), bias.detach() if bias is not None else None,
+            x, y, self.model.weight, self.model.bias,
             reference.MEAN, epochs, batch_size, generator, val[0] if val else None,
             val[1] if val else None, state, self.config)
         for p, b in zip(self.params, new_buffers):
             self.optimizer.state[p]["momentum_buffer"] = b
+        # What the LR schedulers' wrapper of optimizer.step() records, so that they do not warn
+        # that the schedule runs ahead of the optimizer.
+        self.optimizer._opt_called = True
         return result
 
 
@@ -192,6 +208,15 @@ def fit(model: nn.Linear, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor
             train = torch.cat([p[0] for p in parts]) if parts else x.new_empty(0)
             valid = torch.cat([p[1] for p in parts]) if parts else x.new_empty(0)
     return FitHistory(train, valid if val is not None else None)
+
+
+def _plain(value):
+    """A hyperparameter as a value that compares by content (a tensor lr may change in place)."""
+    if isinstance(value, Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def _print_progress(done: int, total: int, loss: float, width: int = 30) -> None:

@@ -70,6 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cp
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t reduction, bool need_grad_x, bool need_grad_params) {
   check_linear_mse_inputs("linear_mse_fwd_bwd", x, weight, bias, target, reduction);
+  // A kernel: its GEMMs must not record autograd history (the op's gradients are its outputs).
+  const at::NoGradGuard no_grad;
   if (x.scalar_type() == at::kDouble) {
     return fwd_bwd<double>(x, weight, bias, target, reduction, need_grad_x, need_grad_params);
   }

@@ -229,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor> linear_mse_fit_cpu(
     TORCH_CHECK_VALUE(val_x->is_contiguous() && val_target->is_contiguous(), kOp,
                       ": val_x and val_target must be contiguous");
   }
+  const at::NoGradGuard no_grad;  // the params are updated in place, outside autograd
   if (x.scalar_type() == at::kDouble) {
     return fit<double>(x, target, weight, bias, reduction, epochs, batch_size, generator, val_x,
                        val_target, state, optimizer);
