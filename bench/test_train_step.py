@@ -1,0 +1,130 @@
+"""Training-step benchmarks: the stock loop (zero_grad, mse_loss(model(x), y), backward, step)
+against fusedtrain's fused step and fit, on the workloads of fusedtrain/workloads.py.
+
+Groups:
+    thermometer-adam-5000   5000 full-batch epochs of Adam (lr 0.1) on the tutorial's thermometer
+    line-sgd-1000           nn.Linear(1, 1) on y = 2x + 1 + noise, SGD lr 0.01, 1000 epochs
+    wide-65536x1024-1       one Adam step, x 65536 x 1024 -> 1
+    wide-16384x1024-1024    one Adam step, x 16384 x 1024 -> 1024; extra_info "peak_rss_growth_MiB"
+                            is the peak memory a fresh process adds during its first step
+Variants: stock (torch.optim for-loop), stock-fused (torch fused=True), stock-compile (the
+forward and loss under torch.compile; thermometer only, where compiling pays for itself),
+fusedtrain (fit, or FusedTrainStep for the one-step groups).
+
+    pytest bench/test_train_step.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedtrain
+from fusedtrain import workloads
+
+ADAM_LR = 0.1
+
+
+def timed_fit(variant, make_model, make_data, optimizer, lr, epochs):
+    """A function running one whole training from a fresh model (setup excluded by pedantic)."""
+    x, y = make_data()
+
+    def setup():
+        model = make_model()
+        cls = getattr(torch.optim if variant != "fusedtrain" else fusedtrain.optim, optimizer)
+        kwargs = {"fused": True} if variant == "stock-fused" else {}
+        opt = cls(model.parameters(), lr=lr, **kwargs)
+        return (model, opt), {}
+
+    if variant == "fusedtrain":
+        def run(model, opt):
+            fusedtrain.fit(model, opt, x, y, epochs=epochs)
+    elif variant == "stock-compile":
+        def run(model, opt):
+            loss_fn = torch.compile(lambda a, b: torch.nn.functional.mse_loss(model(a), b))
+            for _ in range(epochs):
+                opt.zero_grad()
+                loss_fn(x, y).backward()
+                opt.step()
+    else:
+        def run(model, opt):
+            workloads.stock_fit(model, opt, x, y, epochs)
+    return setup, run
+
+
+@pytest.mark.parametrize("variant", ["stock", "stock-fused", "stock-compile", "fusedtrain"])
+def test_thermometer_adam_5000(benchmark, variant):
+    benchmark.group = "thermometer-adam-5000"
+    setup, run = timed_fit(variant, workloads.thermometer_model, workloads.thermometer, "Adam", ADAM_LR, 5000)
+    benchmark.pedantic(run, setup=setup, rounds=3 if variant.startswith("stock") else 20)
+
+
+@pytest.mark.parametrize("variant", ["stock", "stock-fused", "fusedtrain"])
+def test_line_sgd_1000(benchmark, variant):
+    benchmark.group = "line-sgd-1000"
+
+    def make_model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(1, 1)
+
+    setup, run = timed_fit(variant, make_model, workloads.noisy_line, "SGD", 0.01, 1000)
+    benchmark.pedantic(run, setup=setup, rounds=3 if variant.startswith("stock") else 20)
+
+
+def one_step(variant, n, inp, out):
+    x, y = workloads.regression(n, inp, out)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(inp, out)
+    opt = (fusedtrain.optim.Adam if variant == "fusedtrain" else torch.optim.Adam)(
+        model.parameters(), lr=1e-3, **({"fused": True} if variant == "stock-fused" else {}))
+    if variant == "fusedtrain":
+        step = fusedtrain.FusedTrainStep(model, opt)
+        return lambda: step(x, y)
+    return lambda: workloads.stock_step(model, opt, x, y)
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch, fusedtrain
+    from fusedtrain import workloads
+    variant, n, inp, out = sys.argv[1], *map(int, sys.argv[2:])
+    # Plain random data: building it leaves no freed temporaries behind that would hide the
+    # step's own peak under the process's earlier maximum.
+    x, y = torch.empty(n, inp).normal_(), torch.empty(n, out).normal_()
+    model = torch.nn.Linear(inp, out)
+    opt = (fusedtrain.optim.Adam if variant == "fusedtrain" else torch.optim.Adam)(model.parameters(), lr=1e-3)
+    step = (fusedtrain.FusedTrainStep(model, opt) if variant == "fusedtrain"
+            else lambda a, b: workloads.stock_step(model, opt, a, b))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(x, y)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_growth_MiB": (after - before) / 1024, "data_MiB": (x.numel() + y.numel()) * 4 / 2**20}))
+""")
+
+
+def peak_growth(variant, n, inp, out):
+    """Peak resident memory added by the first step, in a fresh process (ru_maxrss, KiB)."""
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, variant, str(n), str(inp), str(out)],
+                            capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("variant", ["stock", "stock-fused", "fusedtrain"])
+def test_wide_65536x1024_to_1(benchmark, variant):
+    benchmark.group = "wide-65536x1024-1"
+    step = one_step(variant, 65536, 1024, 1)
+    step()
+    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", ["stock", "stock-fused", "fusedtrain"])
+def test_wide_16384x1024_to_1024(benchmark, variant):
+    benchmark.group = "wide-16384x1024-1024"
+    benchmark.extra_info.update(peak_growth(variant.replace("-fused", ""), 16384, 1024, 1024))
+    step = one_step(variant, 16384, 1024, 1024)
+    step()
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
