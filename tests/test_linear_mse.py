@@ -74,6 +74,20 @@ def test_no_grad_gives_the_loss_without_autograd():
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(x @ weight.T + bias, target))
 
 
+def test_large_output_in_several_row_blocks():
+    """out = 2048 puts 1024 rows in a block of the GEMM path: 3000 rows take three blocks."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3000, 8, generator=g, requires_grad=True)
+    weight = torch.randn(2048, 8, generator=g, requires_grad=True)
+    bias = torch.randn(2048, generator=g, requires_grad=True)
+    target = torch.randn(3000, 2048, generator=g)
+    linear_mse_loss(x, weight, bias, target).backward()
+    want_loss, want_w, want_b, want_x = stock(x, weight, bias, target, "mean")
+    assert rel_err(weight.grad, want_w) <= 1e-5
+    assert rel_err(bias.grad, want_b) <= 1e-5
+    assert rel_err(x.grad, want_x) <= 1e-5
+
+
 def test_backward_scales_by_grad_output():
     x, weight = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     target = torch.randn(5, 2, dtype=torch.float64)

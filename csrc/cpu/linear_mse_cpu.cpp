@@ -1,8 +1,9 @@
 // CPU implementation of fusedtrain::linear_mse_fwd_bwd. Small outputs (<= kMaxFusedOut) take one
 // pass over x: each thread runs the row loops of the active instruction set into private
-// gradient accumulators, which are summed at the end. Large outputs are GEMM-bound: the
-// prediction comes from ATen's GEMM, the residual, loss and bias gradient are fused into one
-// pass over it (turning it into dloss/dpred in place), and two more GEMMs give the gradients.
+// gradient accumulators, which are summed at the end. Large outputs are GEMM-bound: block by
+// block of rows, the prediction comes from ATen's GEMM, the residual, loss and bias gradient are
+// fused into one pass over it (turning it into dloss/dpred in place), and two more GEMMs
+// accumulate the gradients.
 #include "linear_mse_cpu.h"
 
 #include <vector>
@@ -17,6 +18,9 @@
 namespace fusedtrain {
 namespace cpu {
 namespace {
+
+// Rows per block of the GEMM path: 2^21 values, 8 MiB of fp32 predictions.
+constexpr int64_t kLargeOutBlockElements = int64_t{1} << 21;
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
@@ -45,20 +49,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
         need_grad_params && b.defined() ? grad_bias.data_ptr<T>() : nullptr,
         need_grad_x ? grad_x.data_ptr<T>() : nullptr, workspace);
   } else {
-    at::Tensor grad_pred = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
-    const ResidualRows<T> args{grad_pred.data_ptr<T>(), target.data_ptr<T>(), out,
-                               static_cast<T>(two_over_count)};
-    std::vector<T> bias_total;  // dloss/dbias: the column sums of dloss/dpred
+    // Blocks of rows: the prediction of one block (at most kLargeOutBlockElements values) is
+    // turned into dloss/dpred in place and consumed by the gradient GEMMs before the next, so
+    // memory grows by one block rather than by N x out.
+    const int64_t block = std::min(n, std::max<int64_t>(1, kLargeOutBlockElements / out));
+    at::Tensor grad_pred_block = at::empty({block, out}, opts);
+    if (need_grad_params) grad_weight.zero_();
+    std::vector<T> bias_total(out, T(0));  // dloss/dbias: the column sums of dloss/dpred
+    std::vector<T> workspace;
     const ResidualRowsFn<T> kernel = residual_kernel<T>();
-    loss_sum = run_rows_per_thread<T>(n, out, out, bias_total,
-                                      [&](int64_t begin, int64_t end, double* loss, T* acc) {
-                                        kernel(args, begin, end, loss, acc);
-                                      });
-    if (need_grad_params) {
-      at::mm_out(grad_weight, grad_pred.t(), x);
-      if (b.defined()) std::copy(bias_total.begin(), bias_total.begin() + out, grad_bias.data_ptr<T>());
+    for (int64_t first = 0; first < n; first += block) {
+      const int64_t rows = std::min(block, n - first);
+      at::Tensor grad_pred = grad_pred_block.narrow(0, 0, rows);
+      const at::Tensor x_rows = x.narrow(0, first, rows);
+      if (b.defined()) {
+        at::addmm_out(grad_pred, b, x_rows, weight.t());
+      } else {
+        at::mm_out(grad_pred, x_rows, weight.t());
+      }
+      const ResidualRows<T> args{grad_pred.data_ptr<T>(), target.data_ptr<T>() + first * out,
+                                 out, static_cast<T>(two_over_count)};
+      loss_sum += run_rows_per_thread<T>(rows, out, out, workspace,
+                                         [&](int64_t begin, int64_t end, double* loss, T* acc) {
+                                           kernel(args, begin, end, loss, acc);
+                                         });
+      for (int64_t o = 0; o < out; ++o) bias_total[o] += workspace[o];
+      if (need_grad_params) grad_weight.addmm_(grad_pred.t(), x_rows);
+      if (need_grad_x) {
+        at::Tensor grad_x_rows = grad_x.narrow(0, first, rows);
+        at::mm_out(grad_x_rows, grad_pred, weight);
+      }
     }
-    if (need_grad_x) at::mm_out(grad_x, grad_pred, weight);
+    if (need_grad_params && b.defined()) {
+      std::copy(bias_total.begin(), bias_total.end(), grad_bias.data_ptr<T>());
+    }
   }
   const double loss = reduction == at::Reduction::Mean ? loss_sum / count : loss_sum;
   return {at::scalar_tensor(loss, opts), grad_weight, grad_bias, grad_x};
