@@ -26,3 +26,10 @@ def _linear_mse_fwd_bwd_fake(x, weight, bias, target, reduction, need_grad_x, ne
         x.new_empty(bias.shape if need_grad_params and bias is not None else (0,)),
         x.new_empty(x.shape if need_grad_x else (0,)),
     )
+
+
+@torch.library.register_fake("fusedtrain::linear_mse_train_step_")
+def _linear_mse_train_step_fake(x, target, weight, bias, reduction, state, adam, lr, weight_decay,
+                                maximize, beta1, beta2, eps, decoupled, amsgrad, momentum,
+                                dampening, nesterov, first_step):
+    return x.new_empty(())

@@ -200,3 +200,34 @@ def test_target_that_broadcasts_warns_like_mse_loss():
         warnings.simplefilter("always")
         step(x, y[0])  # (2,) broadcasts over the rows
     assert any("Using a target size" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("adam", [True, False])
+def test_opcheck_train_step(adam):
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    weight, bias = torch.randn(2, 3), torch.randn(2)
+    if adam:
+        state = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 3), torch.zeros(2),
+                 torch.tensor(0.0), torch.tensor(0.0)]
+    else:
+        state = [torch.zeros(2, 3), torch.zeros(2)]
+    args = (x, y, weight, bias, 1, state, adam, 0.01, 0.0, False, 0.9, 0.999, 1e-8, False, False,
+            0.9, 0.0, False, False)
+    torch.library.opcheck(torch.ops.fusedtrain.linear_mse_train_step_.default, args)
+
+
+def test_train_step_op_equals_fused_train_step():
+    x, y, model = make_problem(20, 4, 1, seed=13)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    step = fusedtrain.FusedTrainStep(model, opt)
+    state = [torch.zeros_like(twin.weight), torch.zeros_like(twin.bias), torch.zeros_like(twin.weight),
+             torch.zeros_like(twin.bias), torch.tensor(0.0), torch.tensor(0.0)]
+    for _ in range(5):
+        want = step(x, y)
+        with torch.no_grad():
+            got = torch.ops.fusedtrain.linear_mse_train_step_(
+                x, y, twin.weight, twin.bias, 1, state, True, 0.01, 0.0, False, 0.9, 0.999, 1e-8,
+                False, False, 0.0, 0.0, False, False)
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(twin.weight, model.weight)

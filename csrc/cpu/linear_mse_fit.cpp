@@ -238,5 +238,30 @@ std::tuple<at::Tensor, at::Tensor> linear_mse_fit_cpu(
                     val_target, state, optimizer);
 }
 
+namespace {
+
+at::Tensor linear_mse_train_step_cpu(const at::Tensor& x, const at::Tensor& target,
+                                     const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t reduction,
+                                     at::TensorList state, bool adam, double lr,
+                                     double weight_decay, bool maximize, double beta1,
+                                     double beta2, double eps, bool decoupled, bool amsgrad,
+                                     double momentum, double dampening, bool nesterov,
+                                     bool first_step) {
+  const FitOptimizer optimizer{adam,      lr,      weight_decay, maximize, beta1,
+                               beta2,     eps,     decoupled,    amsgrad,  momentum,
+                               dampening, nesterov, first_step};
+  auto [losses, unused] = linear_mse_fit_cpu(x, target, weight, bias, reduction, 1, 0,
+                                             std::nullopt, std::nullopt, std::nullopt, state,
+                                             optimizer);
+  return losses.squeeze(0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtrain, CPU, m) {
+  m.impl("linear_mse_train_step_", &linear_mse_train_step_cpu);
+}
+
 }  // namespace cpu
 }  // namespace fusedtrain
