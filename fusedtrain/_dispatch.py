@@ -1,7 +1,7 @@
 """Picks the implementation of each op: one table, one place.
 
-Backends: "native" (torch.ops.fusedtrain, the compiled kernels) and "reference" (plain PyTorch,
-fusedtrain.reference). "auto" takes the native kernel where one is built for the tensors' device
+Backends: "native" (the compiled kernels: torch.ops.fusedtrain, or for eager CPU calls the same
+kernel functions bound directly) and "reference" (plain PyTorch, fusedtrain.reference). "auto" takes the native kernel where one is built for the tensors' device
 and the reference otherwise.
 """
 
