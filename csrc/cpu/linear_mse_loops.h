@@ -8,9 +8,10 @@ namespace fusedtrain {
 namespace cpu {
 namespace FT_ISA_NAMESPACE {
 
-// Rows go in blocks of kRowBlock: the weight-gradient update then loads and stores each
-// grad_weight element once per block instead of once per row, which is what bounds the loop
-// (x itself streams through once; its rows stay in L1 between the dot and the update).
+// Rows go in blocks of kRowBlock: the dot products of a block share each load of the weight,
+// and the weight-gradient update loads and stores each grad_weight element once per block
+// instead of once per row; loads and stores are what bound the loop (x itself streams through
+// once; a block's rows stay in L1 between the dot products and the update).
 constexpr int64_t kRowBlock = 4;
 
 template <typename T>
@@ -20,19 +21,24 @@ void linear_mse_rows(const LinearMseRows<T>& a, int64_t row_begin, int64_t row_e
   double rows_loss = 0.0;
   for (int64_t first = row_begin; first < row_end; first += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, row_end - first);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = a.x + (first + r) * a.in;
-      const T* y = a.target + (first + r) * a.out;
-      for (int64_t o = 0; o < a.out; ++o) {
-        T pred = math::lane_dot(x, a.weight + o * a.in, a.in);
-        if (a.bias != nullptr) pred += a.bias[o];
-        const T residual = pred - y[o];
+    const T* x = a.x + first * a.in;
+    const T* y = a.target + first * a.out;
+    for (int64_t o = 0; o < a.out; ++o) {
+      const T* w = a.weight + o * a.in;
+      T pred[kRowBlock];
+      if (rows == kRowBlock) {
+        math::lane_dot4(x, x + a.in, x + 2 * a.in, x + 3 * a.in, w, a.in, pred);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) pred[r] = math::lane_dot(x + r * a.in, w, a.in);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (a.bias != nullptr) pred[r] += a.bias[o];
+        const T residual = pred[r] - y[r * a.out + o];
         rows_loss += static_cast<double>(residual) * static_cast<double>(residual);
         g[r][o] = math::mse_grad(residual, a.two_over_count);
       }
     }
     if (a.need_params_grad) {
-      const T* x = a.x + first * a.in;
       for (int64_t o = 0; o < a.out; ++o) {
         T* __restrict__ gw = grad_weight + o * a.in;
         if (rows == kRowBlock) {

@@ -42,6 +42,52 @@ FT_INLINE T lane_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n
   return acc[0] + tail;
 }
 
+// lane_dot of four rows with the same b, sharing each load of b: the same lanes, tail and
+// reduction per row as lane_dot, so the same results bit for bit.
+template <typename T>
+FT_INLINE void lane_dot4(const T* __restrict__ a0, const T* __restrict__ a1,
+                         const T* __restrict__ a2, const T* __restrict__ a3,
+                         const T* __restrict__ b, int64_t n, T* out) {
+  constexpr int kLanes = kDotLanes<T>;
+  if (n < kLanes) {
+    out[0] = lane_dot(a0, b, n);
+    out[1] = lane_dot(a1, b, n);
+    out[2] = lane_dot(a2, b, n);
+    out[3] = lane_dot(a3, b, n);
+    return;
+  }
+  T acc0[kLanes] = {}, acc1[kLanes] = {}, acc2[kLanes] = {}, acc3[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T bk = b[k + l];
+      acc0[l] += a0[k + l] * bk;
+      acc1[l] += a1[k + l] * bk;
+      acc2[l] += a2[k + l] * bk;
+      acc3[l] += a3[k + l] * bk;
+    }
+  }
+  T tail0 = T(0), tail1 = T(0), tail2 = T(0), tail3 = T(0);
+  for (; k < n; ++k) {
+    tail0 += a0[k] * b[k];
+    tail1 += a1[k] * b[k];
+    tail2 += a2[k] * b[k];
+    tail3 += a3[k] * b[k];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      acc0[l] += acc0[l + width];
+      acc1[l] += acc1[l + width];
+      acc2[l] += acc2[l + width];
+      acc3[l] += acc3[l + width];
+    }
+  }
+  out[0] = acc0[0] + tail0;
+  out[1] = acc1[0] + tail1;
+  out[2] = acc2[0] + tail2;
+  out[3] = acc3[0] + tail3;
+}
+
 // y += alpha * x
 template <typename T>
 FT_INLINE void axpy(T* __restrict__ y, T alpha, const T* __restrict__ x, int64_t n) {
