@@ -3,7 +3,8 @@
     pip install --no-build-isolation .      # or -e . for development
 
 CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when the installed torch
-has CUDA and nvcc is found; FUSEDTRAIN_CUDA=1 forces them, FUSEDTRAIN_CUDA=0 skips them.
+has CUDA and nvcc is found; FUSEDTRAIN_CUDA=1 forces them, FUSEDTRAIN_CUDA=0 skips them. They
+are compiled for TORCH_CUDA_ARCH_LIST, by default sm_80 and sm_90.
 """
 
 import os
@@ -19,7 +20,10 @@ CSRC = ROOT / "csrc"
 # loops round identically. -fno-math-errno lets sqrt vectorize. -fopenmp makes at::parallel_for
 # use torch's OpenMP thread pool (without it the header falls back to one thread).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-NVCC_FLAGS = ["-O3", "--fmad=false"]
+# --fmad=false: the CUDA kernels round like the CPU ones (no contracted multiply-adds).
+NVCC_FLAGS = ["-O3", "--fmad=false", "--expt-relaxed-constexpr"]
+# Architectures when TORCH_CUDA_ARCH_LIST is not set: A100 and H100/H200.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def cpp_sources():
@@ -45,6 +49,7 @@ def extension():
 
     include_dirs = [str(CSRC / "include")]
     if build_cuda() and cuda_sources():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         return CUDAExtension(
             "fusedtrain._C",
             cpp_sources() + cuda_sources(),

@@ -102,6 +102,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                    state, optimizer);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("has_cuda_kernels", [] {
+#if defined(FUSEDTRAIN_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build compiled the CUDA kernels.");
   m.def("cpu_isa", [] { return std::string(fusedtrain::cpu::active_kernels().name); },
         "The instruction set the CPU kernels run.");
   m.def("supported_cpu_isas", &fusedtrain::cpu::supported_isas,

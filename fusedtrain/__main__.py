@@ -25,7 +25,7 @@ def info_lines() -> list[str]:
         lines.append(f"native extension: built ({c.__file__})")
         lines.append(f"  CPU kernels: yes, instruction set {c.cpu_isa()} "
                      f"(this CPU supports: {', '.join(c.supported_cpu_isas())})")
-        lines.append(f"  CUDA kernels: {'yes' if 'cuda' in _dispatch.native_devices() else 'not built'}")
+        lines.append(f"  CUDA kernels: {'yes' if 'cuda' in _dispatch.NATIVE_DEVICES else 'not built'}")
     else:
         lines.append(f"native extension: not available ({_extension.LOAD_ERROR})")
     cuda = torch.cuda.is_available()

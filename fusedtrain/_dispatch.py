@@ -16,9 +16,15 @@ from fusedtrain import _extension, reference
 BACKENDS = ("auto", "native", "reference")
 
 
-def native_devices() -> tuple[str, ...]:
-    """Device types that have native kernels in this build."""
-    return ("cpu",) if _extension.native_available() else ()
+def _native_devices() -> tuple[str, ...]:
+    if not _extension.native_available():
+        return ()
+    return ("cpu", "cuda") if _extension._C.has_cuda_kernels() else ("cpu",)
+
+
+# Device types that have native kernels in this build. Fixed at import, which also keeps the
+# extension call out of what torch.compile traces.
+NATIVE_DEVICES = _native_devices()
 
 
 def check_backend(backend: str) -> None:
@@ -29,7 +35,7 @@ def check_backend(backend: str) -> None:
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend ("native" or "reference") that runs ops on `device`."""
     check_backend(backend)
-    native = device.type in native_devices()
+    native = device.type in NATIVE_DEVICES
     if backend == "auto":
         return "native" if native else "reference"
     if backend == "native" and not native:

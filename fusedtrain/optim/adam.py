@@ -97,6 +97,9 @@ class Adam(MultiTensorOptimizer):
     def _make_plan(self, group: dict, params: list[Tensor]) -> list[AdamBucket]:
         amsgrad = group["amsgrad"]
         states = [self._init_state(p, amsgrad) for p in params]
+        for p, state in zip(params, states):
+            if state["step"].device != p.device:  # e.g. torch.optim's CPU step, loaded for a GPU param:
+                state["step"] = state["step"].to(p.device, torch.float32)  # the kernel reads it there
         buckets = []
         for device, indices in _common.group_by_device(params).items():
             bucket_states = [states[i] for i in indices]
@@ -114,7 +117,9 @@ class Adam(MultiTensorOptimizer):
         state = self.state[p]
         if not state:
             # torch.optim.Adam's state, key for key and dtype for dtype, so state_dicts move both ways.
-            state["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
+            # On a GPU the step counter lives on the device, as in torch's fused Adam.
+            state["step"] = torch.tensor(0.0, dtype=_common.step_dtype() if p.device.type == "cpu"
+                                         else torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:

@@ -1,0 +1,236 @@
+"""The Triton optimizer kernels (fusedtrain.triton) against fusedtrain.reference, on CPU tensors
+under the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so each test runs this file as a
+script in a fresh process, with its working directory outside the checkout so that the installed
+package is the one imported. The script runs a batch of checks and fails on the first mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def _run_checks(*args: str) -> None:
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
+                            cwd=tempfile.gettempdir(), env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"checks {args} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_matches_reference(dtype):
+    _run_checks("adam", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_matches_reference(dtype):
+    _run_checks("sgd", dtype)
+
+
+def test_mixed_dtypes_and_empty_calls():
+    _run_checks("mixed")
+
+
+# ---- The checks, run in the subprocess ------------------------------------------------------
+
+# The kernels' chunk size during the checks: small, so that tensors span several chunks.
+BLOCK = 128
+# (shape, layout of the param and its state, layout of the grad). "transposed": a transposed view;
+# "offset": a view one element into its buffer, contiguous but not 16-byte aligned. Either is
+# staged through a contiguous copy. Sizes: a multiple of BLOCK, others, a 0-dim and an empty one.
+TENSORS = [
+    ((300,), "contiguous", "contiguous"),
+    ((), "contiguous", "contiguous"),
+    ((0, 3), "contiguous", "contiguous"),
+    ((2 * BLOCK,), "contiguous", "contiguous"),
+    ((17, 9), "transposed", "transposed"),
+    ((5, 4, 3), "contiguous", "transposed"),
+    ((131,), "offset", "contiguous"),
+    ((257,), "contiguous", "offset"),
+]
+
+ADAM_DEFAULTS = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False,
+                     amsgrad=False, maximize=False)
+ADAM_CONFIGS = {
+    "default": {},
+    "weight_decay coupled": dict(weight_decay=0.1),
+    "weight_decay decoupled": dict(weight_decay=0.1, decoupled=True, lr=1e-2),
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True, weight_decay=0.1),
+    "beta1 < 0.5 (lerp's other branch)": dict(beta1=0.3),
+    "grad_scale": dict(grad_scale=3.0, found_inf=0.0, amsgrad=True),
+    "found_inf": dict(grad_scale=3.0, found_inf=1.0),
+}
+SGD_DEFAULTS = dict(lr=1e-2, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                    maximize=False, first_step=False)
+SGD_CONFIGS = {
+    "plain": {},
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.1),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "first_step": dict(momentum=0.9, first_step=True),
+    "first_step nesterov": dict(momentum=0.9, first_step=True, nesterov=True),
+    "weight_decay": dict(weight_decay=0.1),
+    "maximize": dict(maximize=True, momentum=0.9, weight_decay=0.1),
+    "grad_scale": dict(grad_scale=3.0, found_inf=0.0, momentum=0.9),
+    "found_inf": dict(grad_scale=3.0, found_inf=1.0, momentum=0.9),
+}
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    # 16-bit results are rounded from fp32 values that may differ in their last bits.
+    return dict(atol=1e-2, rtol=1e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+
+
+def _tensor(shape, layout, dtype, gen, scale=1.0, positive=False):
+    """Fresh random values (drawn in fp64, then rounded) in the given layout."""
+    values = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    values = (values.abs() if positive else values).to(dtype)
+    if layout == "transposed":
+        return values.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "offset":
+        buffer = torch.empty(values.numel() + 1, dtype=dtype)
+        buffer[1:] = values.reshape(-1)
+        return buffer[1:].view(shape)
+    return values
+
+
+def _make_args(op: str, dtype: torch.dtype, seed: int, tensors=TENSORS,
+               nonfinite=True) -> list[list[torch.Tensor]]:
+    """Lists of tensors for the op (params, grads, state..., steps); with `nonfinite`, an inf
+    param and NaN and -inf grads in the first tensor (a vector)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [_tensor(s, lay, dtype, gen) for s, lay, _ in tensors]
+    grads = [_tensor(s, lay, dtype, gen) for s, _, lay in tensors]
+    if nonfinite:
+        # A zero coefficient must drop its term: 0 * inf would turn the inf param into NaN.
+        params[0][0] = float("inf")
+        grads[0][1], grads[0][2] = float("nan"), -float("inf")
+    if op == "sgd":
+        return [params, grads, [_tensor(s, lay, dtype, gen, 0.1) for s, lay, _ in tensors]]
+    exp_avgs = [_tensor(s, lay, dtype, gen, 0.1) for s, lay, _ in tensors]
+    exp_avg_sqs = [_tensor(s, lay, dtype, gen, 0.01, positive=True) for s, lay, _ in tensors]
+    max_exp_avg_sqs = [_tensor(s, lay, dtype, gen, 0.01, positive=True) for s, lay, _ in tensors]
+    # The tensors' step counts differ, and so do their bias corrections.
+    steps = [torch.tensor(float(3 * k), dtype=torch.float64 if k == 1 else torch.float32)
+             for k in range(len(tensors))]
+    return [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
+
+
+def _call(op_fn, op: str, args, config: dict) -> None:
+    kwargs = dict(ADAM_DEFAULTS if op == "adam" else SGD_DEFAULTS, **config)
+    for name in ("grad_scale", "found_inf"):
+        if name in kwargs:
+            kwargs[name] = torch.tensor(kwargs[name])
+    if op == "adam":
+        if not kwargs["amsgrad"]:
+            args = args[:4] + [[]] + args[5:]  # the ops take no max_exp_avg_sqs without amsgrad
+        op_fn(*args, **kwargs)
+    else:
+        if kwargs["momentum"] == 0:
+            args = args[:2] + [[]]  # nor momentum_buffers without momentum
+        if kwargs["first_step"]:  # the buffers must not be read, only written
+            for buffer in args[2]:
+                buffer.fill_(float("nan"))
+        op_fn(*args, **kwargs)
+
+
+def _assert_same(label: str, got, want, dtype: torch.dtype) -> None:
+    for k, (got_list, want_list) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got_list, want_list)):
+            torch.testing.assert_close(g, w, equal_nan=True, **_tolerance(dtype),
+                                       msg=lambda m, k=k, i=i: f"{label}: argument {k}[{i}]: {m}")
+
+
+class _LaunchCounter:
+    """Stands in for a kernel of fusedtrain.triton.optim and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _check_op(op: str, dtype: torch.dtype) -> None:
+    from fusedtrain import reference
+    from fusedtrain.triton import optim
+
+    kernel_name = f"_{op}_kernel"
+    counter = _LaunchCounter(getattr(optim, kernel_name))
+    setattr(optim, kernel_name, counter)
+    configs = ADAM_CONFIGS if op == "adam" else SGD_CONFIGS
+    for seed, (name, config) in enumerate(configs.items()):
+        label = f"{op} {dtype} {name}"
+        got = _make_args(op, dtype, seed)
+        want = [[t.clone() for t in lst] for lst in got]
+        before = counter.launches
+        _call(getattr(optim, f"{op}_step_"), op, got, config)
+        _call(getattr(reference, f"{op}_step_"), op, want, config)
+        _assert_same(label, got, want, dtype)
+        expected_launches = 0 if config.get("found_inf") else 1
+        assert counter.launches - before == expected_launches, (
+            f"{label}: {counter.launches - before} launches, expected {expected_launches}")
+        print(f"{label}: ok")
+
+
+def _check_mixed() -> None:
+    """One launch per dtype in a call; a call with nothing to update launches nothing."""
+    from fusedtrain import reference
+    from fusedtrain.triton import optim
+
+    adam_counter = _LaunchCounter(optim._adam_kernel)
+    sgd_counter = _LaunchCounter(optim._sgd_kernel)
+    optim._adam_kernel, optim._sgd_kernel = adam_counter, sgd_counter
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.bfloat16]
+    for op, counter in (("adam", adam_counter), ("sgd", sgd_counter)):
+        got = [[] for _ in range(6 if op == "adam" else 3)]
+        for k, dtype in enumerate(dtypes):
+            for lst, t in zip(got, _make_args(op, dtype, k, TENSORS[k:k + 2], nonfinite=False)):
+                lst.extend(t)
+        want = [[t.clone() for t in lst] for lst in got]
+        config = dict(amsgrad=True) if op == "adam" else dict(momentum=0.9)
+        _call(getattr(optim, f"{op}_step_"), op, got, config)
+        _call(getattr(reference, f"{op}_step_"), op, want, config)
+        for k, dtype in enumerate(dtypes):  # each dtype at its own tolerance
+            pick = slice(2 * k, 2 * k + 2)
+            _assert_same(f"{op} mixed dtypes ({dtype})", [lst[pick] for lst in got],
+                         [lst[pick] for lst in want], dtype)
+        assert counter.launches == 3, f"{op}: {counter.launches} launches for 3 dtypes"
+
+        counter.launches = 0
+        empty = _make_args(op, torch.float32, 0, [((0,), "contiguous", "contiguous")], nonfinite=False)
+        _call(getattr(optim, f"{op}_step_"), op, empty, config)
+        _call(getattr(optim, f"{op}_step_"), op, [[] for _ in empty], config)
+        assert counter.launches == 0, f"{op}: launched with no element to update"
+        if op == "adam":
+            assert empty[5][0].item() == 1.0, "adam: the step of an empty param was not counted"
+        print(f"{op} mixed dtypes and empty calls: ok")
+
+
+def _main(argv: list[str]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    from fusedtrain.triton import optim
+
+    optim.BLOCK = BLOCK
+    if argv[0] == "mixed":
+        _check_mixed()
+    else:
+        _check_op(argv[0], DTYPES[argv[1]])
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
