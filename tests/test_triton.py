@@ -1,5 +1,5 @@
-"""The Triton optimizer kernels (fusedtrain.triton) against fusedtrain.reference, on CPU tensors
-under the Triton interpreter.
+"""The Triton optimizer kernels (fusedtrain.triton) against fusedtrain.reference: on CPU tensors
+under the Triton interpreter, and compiled on CUDA tensors where a GPU is present.
 
 TRITON_INTERPRET=1 must be set before triton is imported, so each test runs this file as a
 script in a fresh process, with its working directory outside the checkout so that the installed
@@ -16,16 +16,23 @@ import tempfile
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed")
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # not installed, or installed but broken
+    pytest.skip(f"triton is not importable: {e}", allow_module_level=True)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
 
-def _run_checks(*args: str) -> None:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
-                            cwd=tempfile.gettempdir(), env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
+def _run_checks(*args: str, device: str = "cpu") -> None:
+    """Runs the checks `args` in a subprocess: under the interpreter on CPU tensors, or compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), device, *args],
+                            cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, f"checks {args} failed:\n{result.stdout}\n{result.stderr}"
 
 
@@ -39,8 +46,14 @@ def test_sgd_matches_reference(dtype):
     _run_checks("sgd", dtype)
 
 
-def test_mixed_dtypes_and_empty_calls():
+def test_mixed_dtypes_empty_and_refused_calls():
     _run_checks("mixed")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_compiled_kernels_on_cuda_match_reference(op):
+    _run_checks(op, *DTYPES, device="cuda")
 
 
 # ---- The checks, run in the subprocess ------------------------------------------------------
@@ -90,42 +103,44 @@ SGD_CONFIGS = {
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
-    # 16-bit results are rounded from fp32 values that may differ in their last bits.
-    return dict(atol=1e-2, rtol=1e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+    # bf16 results are an ulp (2^-8) apart where they round differently: the interpreter converts
+    # fp32 to bf16 by truncation, torch (and a GPU) to nearest. fp16 converts to nearest in both,
+    # so the defaults hold it, as they do fp32 and fp64.
+    return dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
 
 
-def _tensor(shape, layout, dtype, gen, scale=1.0, positive=False):
-    """Fresh random values (drawn in fp64, then rounded) in the given layout."""
+def _tensor(shape, layout, dtype, device, gen, scale=1.0, positive=False):
+    """Fresh random values (drawn in fp64 on the CPU, then rounded) in the given layout."""
     values = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    values = (values.abs() if positive else values).to(dtype)
+    values = (values.abs() if positive else values).to(device, dtype)
     if layout == "transposed":
         return values.transpose(0, -1).contiguous().transpose(0, -1)
     if layout == "offset":
-        buffer = torch.empty(values.numel() + 1, dtype=dtype)
+        buffer = torch.empty(values.numel() + 1, dtype=dtype, device=device)
         buffer[1:] = values.reshape(-1)
         return buffer[1:].view(shape)
     return values
 
 
-def _make_args(op: str, dtype: torch.dtype, seed: int, tensors=TENSORS,
-               nonfinite=True) -> list[list[torch.Tensor]]:
+def _make_args(op: str, dtype: torch.dtype, seed: int, tensors=TENSORS, nonfinite=True,
+               device="cpu") -> list[list[torch.Tensor]]:
     """Lists of tensors for the op (params, grads, state..., steps); with `nonfinite`, an inf
     param and NaN and -inf grads in the first tensor (a vector)."""
     gen = torch.Generator().manual_seed(seed)
-    params = [_tensor(s, lay, dtype, gen) for s, lay, _ in tensors]
-    grads = [_tensor(s, lay, dtype, gen) for s, _, lay in tensors]
+    params = [_tensor(s, lay, dtype, device, gen) for s, lay, _ in tensors]
+    grads = [_tensor(s, lay, dtype, device, gen) for s, _, lay in tensors]
     if nonfinite:
         # A zero coefficient must drop its term: 0 * inf would turn the inf param into NaN.
         params[0][0] = float("inf")
         grads[0][1], grads[0][2] = float("nan"), -float("inf")
     if op == "sgd":
-        return [params, grads, [_tensor(s, lay, dtype, gen, 0.1) for s, lay, _ in tensors]]
-    exp_avgs = [_tensor(s, lay, dtype, gen, 0.1) for s, lay, _ in tensors]
-    exp_avg_sqs = [_tensor(s, lay, dtype, gen, 0.01, positive=True) for s, lay, _ in tensors]
-    max_exp_avg_sqs = [_tensor(s, lay, dtype, gen, 0.01, positive=True) for s, lay, _ in tensors]
+        return [params, grads, [_tensor(s, lay, dtype, device, gen, 0.1) for s, lay, _ in tensors]]
+    exp_avgs = [_tensor(s, lay, dtype, device, gen, 0.1) for s, lay, _ in tensors]
+    exp_avg_sqs = [_tensor(s, lay, dtype, device, gen, 0.01, True) for s, lay, _ in tensors]
+    max_exp_avg_sqs = [_tensor(s, lay, dtype, device, gen, 0.01, True) for s, lay, _ in tensors]
     # The tensors' step counts differ, and so do their bias corrections.
-    steps = [torch.tensor(float(3 * k), dtype=torch.float64 if k == 1 else torch.float32)
-             for k in range(len(tensors))]
+    steps = [torch.tensor(float(3 * k), dtype=torch.float64 if k == 1 else torch.float32,
+                          device=device) for k in range(len(tensors))]
     return [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
 
 
@@ -165,7 +180,7 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
-def _check_op(op: str, dtype: torch.dtype) -> None:
+def _check_op(op: str, dtype: torch.dtype, device: str) -> None:
     from fusedtrain import reference
     from fusedtrain.triton import optim
 
@@ -174,8 +189,8 @@ def _check_op(op: str, dtype: torch.dtype) -> None:
     setattr(optim, kernel_name, counter)
     configs = ADAM_CONFIGS if op == "adam" else SGD_CONFIGS
     for seed, (name, config) in enumerate(configs.items()):
-        label = f"{op} {dtype} {name}"
-        got = _make_args(op, dtype, seed)
+        label = f"{op} {dtype} {device} {name}"
+        got = _make_args(op, dtype, seed, device=device)
         want = [[t.clone() for t in lst] for lst in got]
         before = counter.launches
         _call(getattr(optim, f"{op}_step_"), op, got, config)
@@ -188,7 +203,8 @@ def _check_op(op: str, dtype: torch.dtype) -> None:
 
 
 def _check_mixed() -> None:
-    """One launch per dtype in a call; a call with nothing to update launches nothing."""
+    """One launch per dtype in a call; a call with nothing to update launches nothing; a refused
+    call changes nothing."""
     from fusedtrain import reference
     from fusedtrain.triton import optim
 
@@ -212,7 +228,8 @@ def _check_mixed() -> None:
         assert counter.launches == 3, f"{op}: {counter.launches} launches for 3 dtypes"
 
         counter.launches = 0
-        empty = _make_args(op, torch.float32, 0, [((0,), "contiguous", "contiguous")], nonfinite=False)
+        empty = _make_args(op, torch.float32, 0, [((0,), "contiguous", "contiguous")],
+                           nonfinite=False)
         _call(getattr(optim, f"{op}_step_"), op, empty, config)
         _call(getattr(optim, f"{op}_step_"), op, [[] for _ in empty], config)
         assert counter.launches == 0, f"{op}: launched with no element to update"
@@ -220,17 +237,37 @@ def _check_mixed() -> None:
             assert empty[5][0].item() == 1.0, "adam: the step of an empty param was not counted"
         print(f"{op} mixed dtypes and empty calls: ok")
 
+    # Refused calls change nothing: a grad of another shape; a param off the CPU.
+    args = _make_args("adam", torch.float32, 0, TENSORS[:2], nonfinite=False)
+    before = [[t.clone() for t in lst] for lst in args]
+    _expect_refusal(ValueError, optim.adam_step_, args[0], [args[1][0], torch.zeros(2)], *args[2:],
+                    **ADAM_DEFAULTS)
+    _assert_same("refused adam call", args, before, torch.float32)
+    meta = [torch.zeros(3, device="meta")]
+    _expect_refusal(RuntimeError, optim.sgd_step_, meta, meta, [], **SGD_DEFAULTS)
+    print("refused calls: ok")
 
-def _main(argv: list[str]) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+def _expect_refusal(error: type, op_fn, *args, **kwargs) -> None:
+    try:
+        op_fn(*args, **kwargs)
+    except error as e:
+        print(f"refused as expected: {e}")
+    else:
+        raise AssertionError(f"{op_fn.__name__} did not raise {error.__name__}")
+
+
+def _main(device: str, what: str, *dtypes: str) -> None:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    assert interpret == (device == "cpu"), "CPU tensors need TRITON_INTERPRET=1, CUDA ones not"
     from fusedtrain.triton import optim
 
     optim.BLOCK = BLOCK
-    if argv[0] == "mixed":
+    if what == "mixed":
         _check_mixed()
-    else:
-        _check_op(argv[0], DTYPES[argv[1]])
+    for dtype in dtypes:
+        _check_op(what, DTYPES[dtype], device)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    _main(*sys.argv[1:])

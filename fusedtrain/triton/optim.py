@@ -1,35 +1,37 @@
 """Triton kernels for the optimizer ops ``adam_step_`` and ``sgd_step_``.
 
 Each function has the signature and the in-place effect of its fusedtrain.reference version (the
-oracle the tests hold it to): it increments Adam's steps, skips everything when found_inf is
-nonzero, divides the grads by grad_scale and stores them back, and updates params and state.
+oracle the tests hold it to): Adam increments every steps[i]; a nonzero found_inf skips the call;
+grads are divided by grad_scale and stored back; params and optimizer state are updated.
 
 Design: one kernel launch per call and dtype updates every tensor of that dtype, however many.
-The host builds three small tables and the kernel reads them:
+The host builds three small tables that the kernel reads:
 
-* addresses, int64 (tensors, columns): the data_ptr of each param, its grad and its optimizer
-  state tensors (0 where the call has none, e.g. max_exp_avg_sq without amsgrad). The kernel
-  casts an address to a typed pointer and promises the compiler 16-byte alignment, so that it
-  keeps vector loads; tensors that are not contiguous, or not aligned, are staged in contiguous
-  copies that are written back after the launch (as the C++ kernels do).
+* addresses, int64 (tensors, columns): the data_ptr of each param, its grad and its state
+  tensors (0 where the call has none, e.g. max_exp_avg_sq without amsgrad). The kernel casts an
+  address to a typed pointer and promises the compiler 16-byte alignment, for vector loads;
+  tensors that are not contiguous, or not aligned, are staged in contiguous copies that are
+  written back after the launch, as the C++ kernels do.
 * chunks, int64 (chunks, 2): (tensor index, start offset) of every BLOCK-element chunk of every
-  tensor. Program i updates chunk i, masked at its tensor's numel, so a call with many small
-  tensors occupies the GPU as well as one with a large tensor.
+  tensor. Program i updates chunk i, so many small tensors fill the GPU as well as one large
+  one. A whole chunk runs unmasked and a tensor's last, partial one masked at its numel: a mask
+  against a numel loaded from memory would keep the compiler from vectorizing.
 * coefficients, in the compute dtype: the hyperparameters folded on the host in double, as
-  make_adam_coeffs / make_sgd_coeffs do, and rounded once; Adam adds a row per tensor for the
-  bias corrections, since the tensors' step counts may differ.
+  make_adam_coeffs / make_sgd_coeffs do, and rounded once; for Adam also each tensor's bias
+  corrections, as the tensors' step counts may differ.
 
-The element math is in fp32 for fp32, bf16 and fp16 tensors and fp64 for fp64 tensors (a
+The element math runs in fp32 for fp32, bf16 and fp16 tensors and in fp64 for fp64 tensors (a
 separate specialization), rounded once into the storage dtype. It follows
-csrc/include/fusedtrain/adam_math.h and sgd_math.h operation for operation; terms whose
-coefficient is zero (coupled weight decay, momentum) are absent, not multiplied by 0, because
-0 * inf is NaN.
+csrc/include/fusedtrain/adam_math.h and sgd_math.h operation for operation: correctly rounded
+square roots and divisions, no FMA contraction, and no term whose coefficient is zero (coupled
+weight decay, momentum), since 0 * inf is NaN.
 
-Under the interpreter (TRITON_INTERPRET=1, which runs the kernels with numpy on the host) the
-same design works unchanged for CPU tensors: its int-to-pointer cast is a bitcast of the address,
-and its loads and stores go through raw host addresses, so a table of data_ptr values is as good
-as pointer arguments. The interpreter copies only a kernel's tensor arguments to the host, though,
-so the addresses of CUDA tensors would point into device memory there: such calls are refused.
+Under the interpreter (TRITON_INTERPRET=1: the kernels run with numpy on the host) the same
+design works unchanged for CPU tensors, with one launch per call and dtype: the interpreter's
+int-to-pointer cast is a bitcast of the address and its loads and stores go through raw host
+addresses, so a table of data_ptr values serves as well as pointer arguments. It copies only a
+kernel's tensor arguments to the host, though, so the addresses of CUDA tensors would point into
+device memory: such calls are refused.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ def _adam_chunk(addresses_ptr, tensor, offsets, mask, bias_corrections_ptr, hype
         max_exp_avg_sq_ptr = _pointer(addresses_ptr, tensor, 4, 5, DTYPE) + offsets
         max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr, mask=mask).to(COMPUTE)
         # torch.maximum: NaN from either side wins
-        max_exp_avg_sq = tl.where((max_exp_avg_sq != max_exp_avg_sq) | (max_exp_avg_sq > exp_avg_sq),
-                                  max_exp_avg_sq, exp_avg_sq)
+        keep = (max_exp_avg_sq != max_exp_avg_sq) | (max_exp_avg_sq > exp_avg_sq)
+        max_exp_avg_sq = tl.where(keep, max_exp_avg_sq, exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr, max_exp_avg_sq.to(DTYPE), mask=mask)
         second_moment = max_exp_avg_sq
     denom = _sqrt_rn(second_moment) * inv_bias_correction2_sqrt + eps
@@ -227,20 +229,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _groups(params: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of the params, by (device, dtype): one launch each."""
+def _groups(rows: list[list[Tensor | None]]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of the rows (param, grad, state...; None where absent), by the param's device and
+    dtype: one launch each. Checks every row first, so that a refused call changes nothing."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
+    for i, (param, *others) in enumerate(rows):
+        if triton.knobs.runtime.interpret and param.device.type != "cpu":
+            raise RuntimeError(f"params[{i}] is on {param.device}: under TRITON_INTERPRET=1 the "
+                               "kernels run on CPU tensors only, since the interpreter reads "
+                               "their table of data_ptr values as host addresses")
+        if param.dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"params[{i}] has dtype {param.dtype}, expected float32, float64, "
+                            "bfloat16 or float16")
+        for t in others:
+            if t is not None and (t.shape, t.dtype, t.device) != (param.shape, param.dtype,
+                                                                   param.device):
+                raise ValueError(f"a tensor of shape {tuple(t.shape)}, {t.dtype} on {t.device} "
+                                 f"goes with params[{i}] of shape {tuple(param.shape)}, "
+                                 f"{param.dtype} on {param.device}: they must agree")
+        groups.setdefault((param.device, param.dtype), []).append(i)
     return groups
 
 
-def _addressable(t: Tensor, param: Tensor) -> Tensor:
+def _addressable(t: Tensor) -> Tensor:
     """`t`, or a contiguous, aligned copy of it if the kernel cannot address it directly."""
-    if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
-        raise ValueError(f"a tensor of shape {tuple(t.shape)}, {t.dtype} on {t.device} is updated "
-                         f"with a param of shape {tuple(param.shape)}, {param.dtype} on "
-                         f"{param.device}: they must agree")
     if t.is_contiguous() and t.data_ptr() % _ALIGN.value == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -264,12 +276,7 @@ def _launch(kernel, rows: list[list[Tensor | None]], written: list[bool],
     coefficients: the kernel's float tables, in the compute dtype, on the host.
     """
     param = rows[0][0]
-    if triton.knobs.runtime.interpret and param.device.type != "cpu":
-        raise RuntimeError("under TRITON_INTERPRET=1 the fusedtrain Triton optimizers run on CPU "
-                           f"tensors only (got {param.device}): the kernels address tensors "
-                           "through a table of data_ptr values, which the interpreter "
-                           "dereferences in host memory")
-    work = [[None if t is None else _addressable(t, row[0]) for t in row] for row in rows]
+    work = [[None if t is None else _addressable(t) for t in row] for row in rows]
     numels = torch.tensor([row[0].numel() for row in rows], dtype=torch.int64)
     chunks = _chunk_table(numels)
     if len(chunks) > 0:
@@ -279,7 +286,8 @@ def _launch(kernel, rows: list[list[Tensor | None]], written: list[bool],
         kernel[(len(chunks),)](
             addresses.to(device), numels.to(device), chunks.to(device),
             *(c.to(device) for c in coefficients),
-            DTYPE=_STORAGE_DTYPES[param.dtype], COMPUTE=_STORAGE_DTYPES[_compute_dtype(param.dtype)],
+            DTYPE=_STORAGE_DTYPES[param.dtype],
+            COMPUTE=_STORAGE_DTYPES[_compute_dtype(param.dtype)],
             BLOCK=BLOCK, enable_fp_fusion=False, **flags)
     for row, work_row in zip(rows, work):
         for t, w, stored in zip(row, work_row, written):
@@ -325,17 +333,18 @@ def adam_step_(
     fusedtrain.reference.adam_step_."""
     if _skipped(found_inf):
         return
+    rows = [[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None]
+            for i, p in enumerate(params)]
+    groups = _groups(rows)
     for step in steps:
         step.add_(1)
     scale = 1.0 if grad_scale is None else grad_scale.item()
     hyper = _adam_hyperparameters(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, scale)
-    for (_, dtype), indices in _groups(params).items():
+    for (_, dtype), indices in groups.items():
         compute = _compute_dtype(dtype)
         bias_corrections = [_adam_bias_corrections(lr, beta1, beta2, steps[i].item())
                             for i in indices]
-        rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                 max_exp_avg_sqs[i] if amsgrad else None] for i in indices]
-        _launch(_adam_kernel, rows,
+        _launch(_adam_kernel, [rows[i] for i in indices],
                 written=[True, grad_scale is not None, True, True, True],
                 coefficients=[torch.tensor(bias_corrections, dtype=compute),
                               torch.tensor(hyper, dtype=compute)],
@@ -367,12 +376,13 @@ def sgd_step_(
     """SGD, one step, in place: see fusedtrain.reference.sgd_step_."""
     if _skipped(found_inf):
         return
+    rows = [[p, grads[i], momentum_buffers[i] if momentum != 0 else None]
+            for i, p in enumerate(params)]
+    groups = _groups(rows)
     scale = 1.0 if grad_scale is None else grad_scale.item()
     hyper = _sgd_hyperparameters(lr, momentum, dampening, weight_decay, maximize, scale)
-    for (_, dtype), indices in _groups(params).items():
-        rows = [[params[i], grads[i], momentum_buffers[i] if momentum != 0 else None]
-                for i in indices]
-        _launch(_sgd_kernel, rows,
+    for (_, dtype), indices in groups.items():
+        _launch(_sgd_kernel, [rows[i] for i in indices],
                 written=[True, grad_scale is not None, True],
                 coefficients=[torch.tensor(hyper, dtype=_compute_dtype(dtype))],
                 DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step,
