@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import os
 import platform
 import sys
 
@@ -30,11 +30,18 @@ def info_lines() -> list[str]:
         lines.append(f"native extension: not available ({_extension.LOAD_ERROR})")
     cuda = torch.cuda.is_available()
     lines.append(f"CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}")
-    triton = importlib.util.find_spec("triton") is not None
-    lines.append(f"triton: {'installed' if triton else 'not installed'}")
-    lines.append("backend 'auto' picks: "
-                 f"cpu -> {_dispatch.resolve('auto', torch.device('cpu'))}"
-                 + (f", cuda -> {_dispatch.resolve('auto', torch.device('cuda'))}" if cuda else ""))
+    lines.append(f"triton: {'installed' if _dispatch.TRITON_INSTALLED else 'not installed'}")
+    env = os.environ.get("FUSEDTRAIN_BACKEND")
+    for device in [torch.device("cpu")] + ([torch.device("cuda")] if cuda else []):
+        try:
+            picked = _dispatch.resolve("auto", device)
+        except (RuntimeError, ValueError) as error:
+            lines.append(f"backend 'auto' on {device.type}: unusable ({error})")
+            continue
+        why = (f"FUSEDTRAIN_BACKEND={env}" if env and env != "auto" else
+               "native kernels built for this device" if picked == "native" else
+               f"no native kernels: {_dispatch.why_not('native', device)}")
+        lines.append(f"backend 'auto' picks: {device.type} -> {picked} ({why})")
     return lines
 
 

@@ -1,19 +1,26 @@
 """Picks the implementation of each op: one table, one place.
 
-Backends: "native" (the compiled kernels: torch.ops.fusedtrain, or for eager CPU calls the same
-kernel functions bound directly) and "reference" (plain PyTorch, fusedtrain.reference). "auto" takes the native kernel where one is built for the tensors' device
-and the reference otherwise.
+Backends:
+  "native"     the compiled kernels (torch.ops.fusedtrain; for eager CPU calls the same kernel
+               functions bound directly), on the devices this build has kernels for;
+  "triton"     fusedtrain.triton, on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1;
+  "reference"  plain PyTorch (fusedtrain.reference), anywhere;
+  "auto"       the FUSEDTRAIN_BACKEND environment variable if set, else native where built,
+               else the reference.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable
 
 import torch
 
 from fusedtrain import _extension, reference
 
-BACKENDS = ("auto", "native", "reference")
+BACKENDS = ("auto", "native", "triton", "reference")
+TRITON_OPS = ("adam_step_", "sgd_step_")
 
 
 def _native_devices() -> tuple[str, ...]:
@@ -22,9 +29,10 @@ def _native_devices() -> tuple[str, ...]:
     return ("cpu", "cuda") if _extension._C.has_cuda_kernels() else ("cpu",)
 
 
-# Device types that have native kernels in this build. Fixed at import, which also keeps the
-# extension call out of what torch.compile traces.
+# Device types that have native kernels in this build, and whether triton is installed. Fixed
+# at import, which also keeps these calls out of what torch.compile traces.
 NATIVE_DEVICES = _native_devices()
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def check_backend(backend: str) -> None:
@@ -32,23 +40,47 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def why_not(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on `device`, else the reason it cannot."""
+    if backend == "native" and device.type not in NATIVE_DEVICES:
+        return ("the compiled extension is not available" if not _extension.native_available()
+                else f"this build has no {device.type} kernels")
+    if backend == "triton":
+        if not TRITON_INSTALLED:
+            return "triton is not installed"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"triton has no {device.type} target here"
+    return None
+
+
 def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend ("native" or "reference") that runs ops on `device`."""
+    """The concrete backend ("native", "triton" or "reference") that runs ops on `device`."""
     check_backend(backend)
-    native = device.type in NATIVE_DEVICES
     if backend == "auto":
-        return "native" if native else "reference"
-    if backend == "native" and not native:
-        why = "the extension is not built" if not _extension.native_available() else (
-            f"this build has no {device.type} kernels")
-        raise RuntimeError(f"backend='native' cannot run on {device}: {why}")
+        backend = os.environ.get("FUSEDTRAIN_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"FUSEDTRAIN_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            return "native" if device.type in NATIVE_DEVICES else "reference"
+    reason = why_not(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
     return backend
 
 
 def op(name: str, backend: str, device: torch.device) -> Callable[..., None]:
     """The callable implementing op `name` for `backend` on `device`."""
-    if resolve(backend, device) == "reference":
+    chosen = resolve(backend, device)
+    if chosen == "reference":
         return getattr(reference, name)
+    if chosen == "triton":
+        if name not in TRITON_OPS:
+            raise RuntimeError(f"backend='triton' has no kernel for {name}; use 'native' or 'reference'")
+        import fusedtrain.triton  # imports triton itself: only when asked for
+
+        return getattr(fusedtrain.triton, name)
     if device.type == "cpu" and not torch.compiler.is_compiling():
         # The same CPU kernel that torch.ops.fusedtrain.<name> runs, bound without the
         # dispatcher, whose conversion of six Python lists of tensors costs as much as updating

@@ -86,3 +86,42 @@ def test_without_the_extension_import_warns_once_and_uses_the_reference():
     lines = result.stdout.splitlines()
     assert lines[0] == "1 reference 0.9"
     assert lines[1].startswith("native refused: backend='native' cannot run on cpu")
+
+
+def test_triton_backend_needs_the_interpreter_on_cpu():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = fusedtrain.optim.Adam([p], backend="triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs under the Triton interpreter")
+    with pytest.raises(RuntimeError, match="triton runs CPU tensors only under TRITON_INTERPRET=1|triton is not installed"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_backend_environment_variable():
+    """FUSEDTRAIN_BACKEND picks what "auto" means: here the Triton kernels under the interpreter,
+    which then agree with torch.optim; a bad value is a clear error."""
+    if not fusedtrain._dispatch.TRITON_INSTALLED:
+        pytest.skip("triton not installed")
+    check = textwrap.dedent("""
+        import torch, fusedtrain.optim
+        from fusedtrain import _dispatch
+        print(_dispatch.resolve("auto", torch.device("cpu")))
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        ours, theirs = fusedtrain.optim.Adam(a, lr=0.1, weight_decay=0.1), torch.optim.Adam(b, lr=0.1, weight_decay=0.1)
+        for _ in range(5):
+            for p, q in zip(a, b):
+                p.grad = torch.randn(50); q.grad = p.grad.clone()
+            ours.step(); theirs.step()
+        print(all(torch.allclose(p, q) for p, q in zip(a, b)))
+    """)
+    env = {**os.environ, "FUSEDTRAIN_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    result = run_python("-c", check, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["triton", "True"]
+    bad = run_python("-c", "import torch, fusedtrain._dispatch as d; d.resolve('auto', torch.device('cpu'))",
+                     env={**os.environ, "FUSEDTRAIN_BACKEND": "gpu-magic"})
+    assert "FUSEDTRAIN_BACKEND must be one of" in bad.stderr
