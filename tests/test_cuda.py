@@ -76,3 +76,18 @@ def test_optimizer_on_cuda_agrees_with_torch_fused(name, kwargs):
             opt.step()
     for a, b in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,inp,out", [(1, 3, 1), (1000, 64, 16), (5000, 1024, 1), (700, 20, 128)])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_mse_kernel_matches_reference(dtype, n, inp, out, has_bias):
+    g = torch.Generator().manual_seed(n + inp + out)
+    args = [torch.randn(n, inp, generator=g, dtype=torch.float64), torch.randn(out, inp, generator=g, dtype=torch.float64),
+            torch.randn(out, generator=g, dtype=torch.float64) if has_bias else None,
+            torch.randn(n, out, generator=g, dtype=torch.float64)]
+    want = reference.linear_mse_fwd_bwd(*args, 1, True)
+    got = torch.ops.fusedtrain.linear_mse_fwd_bwd(*[a.to(dtype).cuda() if a is not None else None for a in args], 1, True)
+    for w, o in zip(want, got):
+        if w.numel():
+            assert float((o.cpu().double() - w).norm() / w.norm()) <= (1e-5 if dtype == torch.float32 else 1e-12)
