@@ -20,7 +20,7 @@ import torch
 from fusedtrain import _extension, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
-TRITON_OPS = ("adam_step_", "sgd_step_")
+TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd")
 
 
 def _native_devices() -> tuple[str, ...]:

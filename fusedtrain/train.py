@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import fusedtrain.optim
-from fusedtrain import _extension, reference
+from fusedtrain import _dispatch, _extension, reference
 from fusedtrain.optim import _common
 
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, fusedtrain.optim.SGD, fusedtrain.optim.Adam)
@@ -51,8 +51,9 @@ class _LinearMSETraining:
         if group.get("capturable") or group.get("differentiable"):
             raise ValueError(f"{caller}: capturable and differentiable optimizers are not supported")
         weight = model.weight
-        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{caller}: the model must be float32 or float64 on the CPU, got "
+        if weight.device.type not in _dispatch.NATIVE_DEVICES or weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{caller}: the model must be float32 or float64 on a device with native "
+                            f"kernels ({', '.join(_dispatch.NATIVE_DEVICES) or 'none built'}), got "
                             f"{weight.dtype} on {weight.device}")
         self.caller = caller
         self.model = model
@@ -140,17 +141,43 @@ class _LinearMSETraining:
 
     def run(self, x: Tensor, y: Tensor, epochs: int, batch_size: int, generator, val) -> tuple[Tensor, Tensor]:
         state, new_buffers = self.state_and_config()
-        # The params go in as they are: the native loop writes their memory and records no autograd.
-        result = _extension._C.linear_mse_fit_cpu(
-            x, y, self.model.weight, self.model.bias,
-            reference.MEAN, epochs, batch_size, generator, val[0] if val else None,
-            val[1] if val else None, state, self.config)
+        if x.device.type == "cpu":
+            # The params go in as they are: the native loop writes their memory and records no autograd.
+            result = _extension._C.linear_mse_fit_cpu(
+                x, y, self.model.weight, self.model.bias,
+                reference.MEAN, epochs, batch_size, generator, val[0] if val else None,
+                val[1] if val else None, state, self.config)
+        else:
+            result = self._run_steps(x, y, epochs, batch_size, generator, val, state)
         for p, b in zip(self.params, new_buffers):
             self.optimizer.state[p]["momentum_buffer"] = b
         # What the LR schedulers' wrapper of optimizer.step() records, so that they do not warn
         # that the schedule runs ahead of the optimizer.
         self.optimizer._opt_called = True
         return result
+
+    def _run_steps(self, x, y, epochs, batch_size, generator, val, state) -> tuple[Tensor, Tensor]:
+        """On a GPU the loop stays in Python, one linear_mse_train_step_ call (a few kernel
+        launches, no host synchronisation) per batch; the losses stay on the device."""
+        c, n = self.config, x.shape[0]
+        step_op, loss_op = torch.ops.fusedtrain.linear_mse_train_step_, torch.ops.fusedtrain.linear_mse_fwd_bwd
+        weight, bias = self.model.weight.detach(), (self.model.bias.detach() if self.model.bias is not None else None)
+        first_step = c.first_step
+        train, valid = [], []
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
+            losses = []
+            for start in range(0, n, batch_size or n):
+                rows = slice(start, start + (batch_size or n)) if order is None else order[start:start + (batch_size or n)]
+                losses.append(step_op(x[rows], y[rows], weight, bias, reference.MEAN, state, c.adam, c.lr,
+                                      c.weight_decay, c.maximize, c.beta1, c.beta2, c.eps, c.decoupled,
+                                      c.amsgrad, c.momentum, c.dampening, c.nesterov, first_step))
+                first_step = False
+            train.append(torch.stack(losses).mean())
+            if val:
+                valid.append(loss_op(val[0], weight, bias, val[1], reference.MEAN, False, False)[0])
+        empty = x.new_empty(0)
+        return (torch.stack(train) if train else empty), (torch.stack(valid) if valid else empty)
 
 
 class FusedTrainStep:

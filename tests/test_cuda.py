@@ -91,3 +91,26 @@ def test_linear_mse_kernel_matches_reference(dtype, n, inp, out, has_bias):
     for w, o in zip(want, got):
         if w.numel():
             assert float((o.cpu().double() - w).norm() / w.norm()) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", {"lr": 0.01}), ("SGD", {"lr": 0.05, "momentum": 0.9})])
+def test_fused_train_step_and_fit_on_cuda_equal_the_stock_loop(name, kwargs):
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, generator=g).cuda()
+    y = (x @ torch.randn(32, 1, generator=g).cuda()) + 0.1
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(32, 1).cuda()
+    fused, fitted = copy.deepcopy(stock), copy.deepcopy(stock)
+    stock_opt = getattr(torch.optim, name)(stock.parameters(), **kwargs)
+    step = fusedtrain.FusedTrainStep(fused, getattr(fusedtrain.optim, name)(fused.parameters(), **kwargs))
+    for _ in range(50):
+        stock_opt.zero_grad()
+        torch.nn.functional.mse_loss(stock(x), y).backward()
+        stock_opt.step()
+        step(x, y)
+    fusedtrain.fit(fitted, getattr(fusedtrain.optim, name)(fitted.parameters(), **kwargs), x, y, epochs=50)
+    for model in (fused, fitted):
+        for a, b in zip(stock.parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

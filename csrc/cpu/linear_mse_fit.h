@@ -15,21 +15,21 @@ namespace cpu {
 
 // Hyperparameters of the optimizer that updates weight and bias (one param group).
 struct FitOptimizer {
-  bool adam;  // else SGD
-  double lr;
-  double weight_decay;
-  bool maximize;
+  bool adam = false;  // else SGD
+  double lr = 0.0;
+  double weight_decay = 0.0;
+  bool maximize = false;
   // Adam / AdamW
-  double beta1;
-  double beta2;
-  double eps;
-  bool decoupled;
-  bool amsgrad;
+  double beta1 = 0.0;
+  double beta2 = 0.0;
+  double eps = 0.0;
+  bool decoupled = false;
+  bool amsgrad = false;
   // SGD
-  double momentum;
-  double dampening;
-  bool nesterov;
-  bool first_step;  // the momentum buffers are new: they start as the first gradient
+  double momentum = 0.0;
+  double dampening = 0.0;
+  bool nesterov = false;
+  bool first_step = false;  // the momentum buffers are new: they start as the first gradient
 };
 
 // Trains weight (out, in) and bias (out) in place on x (N, in), target (N, out) for `epochs`

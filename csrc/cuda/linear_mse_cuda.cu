@@ -6,6 +6,7 @@
 // each, add g[r][o] * x[r][k] into the block's partial weight gradient (and write grad_x). The
 // last block to finish (an atomic ticket) sums the blocks' partials into grad_weight, grad_bias
 // and the loss, so the whole forward and backward is a single launch.
+// The train step op runs these kernels and then the optimizer kernels of optim_cuda.cu.
 // Large outputs: the prediction of a block of rows comes from a GEMM (ATen, so cuBLAS), one
 // kernel turns it into dloss/dpred in place while summing the loss, and GEMMs accumulate the
 // gradients: memory grows by one block, as on the CPU.
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include "fusedtrain/linear_mse_math.h"
+#include "optim_cuda.h"
 
 namespace fusedtrain {
 namespace cuda {
@@ -276,10 +278,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cu
   return fwd_bwd<float>(x, weight, bias, target, reduction, need_grad_x, need_grad_params);
 }
 
+// The train step: the fused forward/backward, then the optimizer kernels on weight and bias:
+// three launches, no host synchronisation. `state` is ordered as in csrc/cpu/linear_mse_fit.h.
+at::Tensor linear_mse_train_step_cuda(const at::Tensor& x, const at::Tensor& target,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t reduction,
+                                      at::TensorList state, bool adam, double lr,
+                                      double weight_decay, bool maximize, double beta1,
+                                      double beta2, double eps, bool decoupled, bool amsgrad,
+                                      double momentum, double dampening, bool nesterov,
+                                      bool first_step) {
+  constexpr const char* kOp = "linear_mse_train_step_";
+  const std::vector<at::Tensor> params = bias.has_value() ? std::vector<at::Tensor>{weight, *bias}
+                                                          : std::vector<at::Tensor>{weight};
+  const size_t n = params.size();
+  const size_t expected = adam ? (amsgrad ? 4 : 3) * n : (momentum != 0.0 ? n : 0);
+  TORCH_CHECK_VALUE(state.size() == expected, kOp, ": state has ", state.size(),
+                    " tensors, expected ", expected);
+  auto [loss, grad_weight, grad_bias, grad_x] =
+      linear_mse_fwd_bwd_cuda(x, weight, bias, target, reduction, false, true);
+  const std::vector<at::Tensor> grads = bias.has_value() ? std::vector<at::Tensor>{grad_weight, grad_bias}
+                                                         : std::vector<at::Tensor>{grad_weight};
+  const at::NoGradGuard no_grad;
+  if (adam) {
+    adam_step_cuda(params, grads, state.slice(0, n), state.slice(n, n),
+                   amsgrad ? state.slice(2 * n, n) : at::TensorList{},
+                   state.slice((amsgrad ? 3 : 2) * n, n), lr, beta1, beta2, eps, weight_decay,
+                   decoupled, amsgrad, maximize, std::nullopt, std::nullopt);
+  } else {
+    sgd_step_cuda(params, grads, state, lr, momentum, dampening, weight_decay, nesterov,
+                  maximize, first_step, std::nullopt, std::nullopt);
+  }
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
   m.impl("linear_mse_fwd_bwd", &linear_mse_fwd_bwd_cuda);
+  m.impl("linear_mse_train_step_", &linear_mse_train_step_cuda);
 }
 
 }  // namespace cuda

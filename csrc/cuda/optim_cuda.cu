@@ -18,6 +18,7 @@
 #include "fusedtrain/dtype_convert.h"
 #include "fusedtrain/sgd_math.h"
 #include "multi_tensor_apply.cuh"
+#include "optim_cuda.h"
 
 namespace fusedtrain {
 namespace cuda {
@@ -229,6 +230,8 @@ void check_launch() {
 
 int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
 
+}  // namespace
+
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList steps, double lr, double beta1, double beta2, double eps,
@@ -347,8 +350,6 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     check_launch();
   }
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
   m.impl("adam_step_", &adam_step_cuda);
