@@ -4,9 +4,10 @@ optimizer steps and print one Markdown table to commit under bench/results/.
     python bench/gpu_check.py                 # build, test, benchmark
     python bench/gpu_check.py --skip-build    # benchmark the installed build only
 
-Times are CUDA-event medians after warm-up. Each row compares fusedtrain's step with torch's
-fused=True and foreach=True steps on the same parameters, and reports bandwidth against a
-device-to-device copy of the same number of bytes measured in the same run.
+Times are CUDA-event medians after warm-up. Optimizer rows compare fusedtrain's step with torch's
+fused=True and foreach=True steps on the same parameters, and report bandwidth against a
+device-to-device copy of the same number of bytes measured in the same run. Then the linear +
+MSE train step against the stock loop (eager and torch.compile), and Triton against CUDA C++.
 """
 
 from __future__ import annotations
@@ -92,6 +93,70 @@ def benchmark_rows() -> list[str]:
     return rows
 
 
+def triton_rows() -> list[str]:
+    """The Triton kernels against the CUDA C++ ones on the same ops and tensors."""
+    import torch
+
+    import fusedtrain.triton
+
+    rows = ["| op | size | CUDA C++ | Triton | Triton / CUDA |", "|---|---|---:|---:|---:|"]
+    for label, count, numel in [("1x1e8", 1, 10**8), ("1000x1e5", 1000, 10**5)]:
+        def lists():
+            return ([torch.randn(numel, device="cuda") for _ in range(count)],
+                    [torch.randn(numel, device="cuda") for _ in range(count)],
+                    [torch.zeros(numel, device="cuda") for _ in range(count)],
+                    [torch.zeros(numel, device="cuda") for _ in range(count)], [],
+                    [torch.zeros((), device="cuda") for _ in range(count)])
+        hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False)
+        a, b = lists(), lists()
+        cuda = cuda_time(lambda: torch.ops.fusedtrain.adam_step_(*a, *hyper))
+        tri = cuda_time(lambda: fusedtrain.triton.adam_step_(*b, *hyper))
+        rows.append(f"| adam_step_ | {label} | {cuda * 1e3:.3f} ms | {tri * 1e3:.3f} ms | {tri / cuda:.2f} |")
+        del a, b
+    for n, inp, out in [(100_000, 1024, 1), (100_000, 1024, 16), (16_384, 1024, 1024)]:
+        x, w, b = (torch.randn(n, inp, device="cuda"), torch.randn(out, inp, device="cuda"),
+                   torch.randn(out, device="cuda"))
+        y = torch.randn(n, out, device="cuda")
+        cuda = cuda_time(lambda: torch.ops.fusedtrain.linear_mse_fwd_bwd(x, w, b, y, 1, False))
+        tri = cuda_time(lambda: fusedtrain.triton.linear_mse_fwd_bwd(x, w, b, y, 1, False))
+        rows.append(f"| linear_mse_fwd_bwd | {n}x{inp}->{out} | {cuda * 1e3:.3f} ms | {tri * 1e3:.3f} ms | {tri / cuda:.2f} |")
+    return rows
+
+
+def train_step_rows() -> list[str]:
+    """One Adam step of nn.Linear + MSE: the stock eager loop, the stock loop with the forward
+    and loss under torch.compile, and FusedTrainStep."""
+    import torch
+
+    import fusedtrain
+
+    rows = ["| x -> out | stock eager | stock compiled | FusedTrainStep | vs eager | vs compiled |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for n, inp, out in [(100_000, 1024, 1), (100_000, 1024, 16), (16_384, 1024, 1024)]:
+        x, y = torch.randn(n, inp, device="cuda"), torch.randn(n, out, device="cuda")
+        times = {}
+        for variant in ("eager", "compiled", "fused"):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(inp, out).cuda()
+            if variant == "fused":
+                step = fusedtrain.FusedTrainStep(model, fusedtrain.optim.Adam(model.parameters(), lr=1e-3))
+                times[variant] = cuda_time(lambda: step(x, y))
+                continue
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+            loss_fn = (torch.compile(lambda a, t: torch.nn.functional.mse_loss(model(a), t)) if variant == "compiled"
+                       else lambda a, t: torch.nn.functional.mse_loss(model(a), t))
+
+            def stock_step():
+                opt.zero_grad()
+                loss_fn(x, y).backward()
+                opt.step()
+            times[variant] = cuda_time(stock_step)
+        rows.append(f"| {n}x{inp} -> {out} | {times['eager'] * 1e3:.3f} ms | {times['compiled'] * 1e3:.3f} ms | "
+                    f"{times['fused'] * 1e3:.3f} ms | {times['eager'] / times['fused']:.2f} | "
+                    f"{times['compiled'] / times['fused']:.2f} |")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-build", action="store_true")
@@ -100,12 +165,18 @@ def main() -> int:
     if not args.skip_build:
         run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "."], {"FUSEDTRAIN_CUDA": "1"})
     if not args.skip_tests:
-        run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_triton.py"])
+        run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_triton.py",
+             "tests/test_triton_linear_mse.py"])
     import torch
 
     print(f"\n# GPU check, {torch.cuda.get_device_name(0)}, {datetime.date.today().isoformat()}\n")
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}; command: python bench/gpu_check.py\n")
+    print("## Optimizer steps\n")
     print("\n".join(benchmark_rows()))
+    print("\n## Linear + MSE train step (Adam)\n")
+    print("\n".join(train_step_rows()))
+    print("\n## Triton against CUDA C++\n")
+    print("\n".join(triton_rows()))
     return 0
 
 
