@@ -68,4 +68,45 @@ inline void check_scale_and_inf(const char* op, const std::optional<at::Tensor>&
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, device);
 }
 
+// Everything adam_step_ takes, on `device`.
+inline void check_adam_step_args(at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                 at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                                 bool amsgrad, const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf, at::Device device) {
+  constexpr const char* kOp = "adam_step_";
+  const size_t n = params.size();
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "exp_avgs", exp_avgs, n);
+  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
+  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
+  check_list_length(kOp, "steps", steps, n);
+  check_scale_and_inf(kOp, grad_scale, found_inf, device);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, params, i, device);
+    check_like_param(kOp, "grads", grads, i, params[i]);
+    check_like_param(kOp, "exp_avgs", exp_avgs, i, params[i]);
+    check_like_param(kOp, "exp_avg_sqs", exp_avg_sqs, i, params[i]);
+    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, i, params[i]);
+    check_scalar_tensor(kOp, "steps", steps[i], device, static_cast<int64_t>(i));
+  }
+}
+
+// Everything sgd_step_ takes, on `device`.
+inline void check_sgd_step_args(at::TensorList params, at::TensorList grads,
+                                at::TensorList momentum_buffers, bool has_momentum,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf, at::Device device) {
+  constexpr const char* kOp = "sgd_step_";
+  const size_t n = params.size();
+  check_list_length(kOp, "grads", grads, n);
+  check_list_length(kOp, "momentum_buffers", momentum_buffers, has_momentum ? n : 0);
+  check_scale_and_inf(kOp, grad_scale, found_inf, device);
+  for (size_t i = 0; i < n; ++i) {
+    check_param(kOp, params, i, device);
+    check_like_param(kOp, "grads", grads, i, params[i]);
+    if (has_momentum) check_like_param(kOp, "momentum_buffers", momentum_buffers, i, params[i]);
+  }
+}
+
 }  // namespace fusedtrain

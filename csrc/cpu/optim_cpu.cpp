@@ -29,22 +29,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* kOp = "adam_step_";
   const size_t n = params.size();
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "exp_avgs", exp_avgs, n);
-  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_list_length(kOp, "steps", steps, n);
-  check_scale_and_inf(kOp, grad_scale, found_inf, at::kCPU);
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, params, i, at::kCPU);
-    check_like_param(kOp, "grads", grads, i, params[i]);
-    check_like_param(kOp, "exp_avgs", exp_avgs, i, params[i]);
-    check_like_param(kOp, "exp_avg_sqs", exp_avg_sqs, i, params[i]);
-    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, i, params[i]);
-    check_scalar_tensor(kOp, "steps", steps[i], at::kCPU, static_cast<int64_t>(i));
-  }
+  check_adam_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                       grad_scale, found_inf, at::kCPU);
   if (n == 0 || step_skipped(found_inf)) return;
 
   const AdamOptions options{amsgrad, weight_decay != 0.0 && !decoupled, grad_scale.has_value(),
@@ -101,17 +88,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   bool nesterov, bool maximize, bool first_step,
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* kOp = "sgd_step_";
   const size_t n = params.size();
   const bool has_momentum = momentum != 0.0;
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "momentum_buffers", momentum_buffers, has_momentum ? n : 0);
-  check_scale_and_inf(kOp, grad_scale, found_inf, at::kCPU);
-  for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, params, i, at::kCPU);
-    check_like_param(kOp, "grads", grads, i, params[i]);
-    if (has_momentum) check_like_param(kOp, "momentum_buffers", momentum_buffers, i, params[i]);
-  }
+  check_sgd_step_args(params, grads, momentum_buffers, has_momentum, grad_scale, found_inf,
+                      at::kCPU);
   if (n == 0 || step_skipped(found_inf)) return;
 
   const SgdOptions options{weight_decay != 0.0,

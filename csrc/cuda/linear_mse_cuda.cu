@@ -19,6 +19,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include "../linear_mse_checks.h"
 #include "fusedtrain/linear_mse_math.h"
 #include "optim_cuda.h"
 
@@ -251,25 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t reduction, bool need_grad_x, bool need_grad_params) {
-  constexpr const char* kOp = "linear_mse_fwd_bwd";
-  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1), kOp,
-                    ": x must be (N, in) and weight (out, in), got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == weight.size(0),
-                    kOp, ": target must have shape (", x.size(0), ", ", weight.size(0), "), got ", target.sizes());
-  TORCH_CHECK_VALUE(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), kOp,
-                    ": bias must have shape (", weight.size(0), ")");
-  TORCH_CHECK_VALUE(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum, kOp,
-                    ": reduction must be 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kOp,
-                   ": x must be float32 or float64, got ", x.scalar_type());
-  for (const at::Tensor* t : {&weight, &target}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type() && t->device() == x.device(), kOp,
-                     ": weight, bias and target must match x's dtype and device");
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), kOp,
-                     ": weight, bias and target must match x's dtype and device");
-  }
+  check_linear_mse_inputs("linear_mse_fwd_bwd", x, weight, bias, target, reduction);
   const c10::DeviceGuard guard(x.device());
   const at::NoGradGuard no_grad;
   if (x.scalar_type() == at::kDouble) {

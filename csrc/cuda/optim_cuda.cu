@@ -191,9 +191,9 @@ const float* optional_float_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-void check_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, at::Device device) {
-  check_scale_and_inf(op, grad_scale, found_inf, device);
+// The kernels read them as float.
+void check_float32_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf) {
   for (const auto* t : {&grad_scale, &found_inf}) {
     TORCH_CHECK_TYPE(!t->has_value() || (*t)->scalar_type() == at::kFloat, op,
                      ": grad_scale and found_inf must be float32 on CUDA");
@@ -242,19 +242,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "exp_avgs", exp_avgs, n);
-  check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
-  check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
-  check_list_length(kOp, "steps", steps, n);
-  check_amp_tensors(kOp, grad_scale, found_inf, device);
+  check_adam_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                       grad_scale, found_inf, device);
+  check_float32_amp_tensors(kOp, grad_scale, found_inf);
   for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, params, i, device);
-    check_like_param(kOp, "grads", grads, i, params[i]);
-    check_like_param(kOp, "exp_avgs", exp_avgs, i, params[i]);
-    check_like_param(kOp, "exp_avg_sqs", exp_avg_sqs, i, params[i]);
-    if (amsgrad) check_like_param(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, i, params[i]);
-    check_scalar_tensor(kOp, "steps", steps[i], device, static_cast<int64_t>(i));
     TORCH_CHECK_TYPE(steps[i].scalar_type() == at::kFloat, kOp, ": steps[", i,
                      "] must be float32 on CUDA");
     for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
@@ -303,13 +294,9 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   if (n == 0) return;
   const at::Device device = params[0].device();
   const bool has_momentum = momentum != 0.0;
-  check_list_length(kOp, "grads", grads, n);
-  check_list_length(kOp, "momentum_buffers", momentum_buffers, has_momentum ? n : 0);
-  check_amp_tensors(kOp, grad_scale, found_inf, device);
+  check_sgd_step_args(params, grads, momentum_buffers, has_momentum, grad_scale, found_inf, device);
+  check_float32_amp_tensors(kOp, grad_scale, found_inf);
   for (size_t i = 0; i < n; ++i) {
-    check_param(kOp, params, i, device);
-    check_like_param(kOp, "grads", grads, i, params[i]);
-    if (has_momentum) check_like_param(kOp, "momentum_buffers", momentum_buffers, i, params[i]);
     TORCH_CHECK_VALUE(params[i].is_contiguous() && grads[i].is_contiguous() &&
                           (!has_momentum || momentum_buffers[i].is_contiguous()),
                       kOp, ": tensors must be contiguous on CUDA (index ", i, ")");
