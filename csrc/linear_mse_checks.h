@@ -1,9 +1,10 @@
-// Argument checks of the linear + MSE ops, shared by every device: named errors, raised before
-// anything is computed or written.
+// What the linear + MSE ops share on every device: the argument checks (named errors, raised
+// before anything is computed or written) and the preparation of a call.
 #pragma once
 
 #include <optional>
 
+#include <ATen/ATen.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -40,6 +41,36 @@ inline void check_linear_mse_inputs(const char* op, const at::Tensor& x, const a
   TORCH_CHECK_VALUE(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum, op,
                     ": reduction must be ", at::Reduction::Mean, " (mean) or ",
                     at::Reduction::Sum, " (sum), got ", reduction);
+}
+
+// A checked call, as every device's kernel starts it: contiguous inputs, the sizes, dL/dpred's
+// scale 2 / R, and the gradient outputs (empty where not asked for).
+struct LinearMseCall {
+  at::Tensor x, weight, bias, target;  // bias undefined when absent
+  int64_t n, in, out, count;           // count: the number of residuals, N * out
+  double two_over_count;               // 2 / count for "mean", 2 for "sum"
+  at::Tensor grad_weight, grad_bias, grad_x;
+};
+
+inline LinearMseCall prepare_linear_mse(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& target, int64_t reduction,
+                                        bool need_grad_x, bool need_grad_params) {
+  LinearMseCall c;
+  c.x = x.contiguous();
+  c.weight = weight.contiguous();
+  c.target = target.contiguous();
+  c.bias = bias.has_value() ? bias->contiguous() : at::Tensor();
+  c.n = c.x.size(0);
+  c.in = c.x.size(1);
+  c.out = c.weight.size(0);
+  c.count = c.n * c.out;
+  c.two_over_count = reduction == at::Reduction::Mean ? 2.0 / c.count : 2.0;
+  const auto opts = c.x.options();
+  c.grad_weight = at::empty(need_grad_params ? at::IntArrayRef{c.out, c.in} : at::IntArrayRef{0}, opts);
+  c.grad_bias = at::empty({need_grad_params && c.bias.defined() ? c.out : 0}, opts);
+  c.grad_x = at::empty(need_grad_x ? at::IntArrayRef{c.n, c.in} : at::IntArrayRef{0}, opts);
+  return c;
 }
 
 }  // namespace fusedtrain

@@ -3,6 +3,11 @@ fusedtrain one side by side on identical data."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import torch
 
 # Shapes of one model's params: matrices, a vector, an odd size, a 0-dim and an empty tensor.
@@ -33,3 +38,16 @@ def train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, steps: 
         set_random_grads([torch_params, fused_params], g)
         torch_opt.step()
         fused_opt.step()
+
+
+def run_triton_checks(script: str, *args: str, device: str = "cpu") -> None:
+    """Runs `script` (a test file that is also a checker) with `args` in a fresh process:
+    under TRITON_INTERPRET=1 on CPU tensors (it must be set before triton is imported), or
+    compiled on CUDA; from outside the checkout, so the installed package is imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, os.path.abspath(script), device, *args],
+                            cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"checks {args} failed:\n{result.stdout}\n{result.stderr}"

@@ -9,12 +9,12 @@ package is the one imported. The script runs a batch of checks and fails on the 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
+
+from helpers import run_triton_checks
 
 try:
     import triton  # noqa: F401
@@ -26,14 +26,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def _run_checks(*args: str, device: str = "cpu") -> None:
-    """Runs the checks `args` in a subprocess: under the interpreter on CPU tensors, or compiled."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), device, *args],
-                            cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"checks {args} failed:\n{result.stdout}\n{result.stderr}"
+    run_triton_checks(__file__, *args, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -26,18 +26,13 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
     const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
     const at::Tensor& target_in, int64_t reduction, bool need_grad_x, bool need_grad_params) {
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0);
-  const int64_t count = n * out;
-  const double two_over_count = reduction == at::Reduction::Mean ? 2.0 / count : 2.0;
+  const LinearMseCall c = prepare_linear_mse(x_in, weight_in, bias, target_in, reduction,
+                                             need_grad_x, need_grad_params);
+  const at::Tensor &x = c.x, &weight = c.weight, &b = c.bias, &target = c.target;
+  const at::Tensor &grad_weight = c.grad_weight, &grad_bias = c.grad_bias, &grad_x = c.grad_x;
+  const int64_t n = c.n, in = c.in, out = c.out, count = c.count;
+  const double two_over_count = c.two_over_count;
   const auto opts = x.options();
-
-  at::Tensor grad_weight = at::empty(need_grad_params ? at::IntArrayRef{out, in} : at::IntArrayRef{0}, opts);
-  at::Tensor grad_bias = at::empty({need_grad_params && b.defined() ? out : 0}, opts);
-  at::Tensor grad_x = need_grad_x ? at::empty({n, in}, opts) : at::empty({0}, opts);
   double loss_sum = 0.0;
 
   if (out <= kMaxFusedOut) {
