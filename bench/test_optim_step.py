@@ -42,6 +42,7 @@ import pytest
 import torch
 
 import fusedtrain.optim
+from fusedtrain import workloads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -65,20 +66,7 @@ SLOW_WORKLOADS = {"1x5e7"}
 def base_tensors(workload: str, dtype: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(params, grads) of a workload. Cached for the one workload the tests are currently on, so
     every variant clones the same values while the big workloads are not all held at once."""
-    gen = torch.Generator().manual_seed(0)
-    if workload == "mlp":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            mlp = torch.nn.Sequential(*(torch.nn.Linear(i, o, dtype=DTYPES[dtype])
-                                        for i, o in [(1024, 4096), (4096, 4096), (4096, 1024)]))
-        params = [p.detach() for p in mlp.parameters()]
-    else:
-        count, size = workload.split("x")
-        # uniform_ rather than randn: much faster for 5e7 elements, and values do not change the timing.
-        params = [torch.empty(int(float(size)), dtype=DTYPES[dtype]).uniform_(-1, 1, generator=gen)
-                  for _ in range(int(count))]
-    grads = [torch.empty_like(p).uniform_(-1, 1, generator=gen) for p in params]
-    return params, grads
+    return workloads.optimizer_tensors(workload, DTYPES[dtype])
 
 
 def make_step(optimizer: str, variant: str, params: list[torch.Tensor], grads: list[torch.Tensor]):

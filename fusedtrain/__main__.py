@@ -1,4 +1,4 @@
-"""Command-line tools: `python -m fusedtrain info`."""
+"""Command-line tools: `python -m fusedtrain info` and `python -m fusedtrain compare`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import torch
 
 import fusedtrain
-from fusedtrain import _dispatch, _extension
+from fusedtrain import _dispatch, _extension, compare
 
 
 def info_lines() -> list[str]:
@@ -49,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedtrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, built backends, CPU instruction set, CUDA and Triton")
+    compare_parser = commands.add_parser(
+        "compare", help="time the built-in workloads on this machine, stock PyTorch against fusedtrain",
+        description=compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_arguments(compare_parser)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print("\n".join(info_lines()))
+    if args.command == "compare":
+        return compare.command(args, compare_parser)
+    print("\n".join(info_lines()))
     return 0
 
 
