@@ -62,10 +62,13 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
                     t.device(), ", expected ", device);
 }
 
-inline void check_scale_and_inf(const char* op, const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf, at::Device device) {
+// The optional one-element tensors of an optimizer op: GradScaler's and a tensor learning rate.
+inline void check_scale_inf_lr(const char* op, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf,
+                               const std::optional<at::Tensor>& lr_tensor, at::Device device) {
   if (grad_scale.has_value()) check_scalar_tensor(op, "grad_scale", *grad_scale, device);
   if (found_inf.has_value()) check_scalar_tensor(op, "found_inf", *found_inf, device);
+  if (lr_tensor.has_value()) check_scalar_tensor(op, "lr_tensor", *lr_tensor, device);
 }
 
 // Everything adam_step_ takes, on `device`.
@@ -73,7 +76,8 @@ inline void check_adam_step_args(at::TensorList params, at::TensorList grads,
                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                  at::TensorList max_exp_avg_sqs, at::TensorList steps,
                                  bool amsgrad, const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf, at::Device device) {
+                                 const std::optional<at::Tensor>& found_inf, at::Device device,
+                                 const std::optional<at::Tensor>& lr_tensor = std::nullopt) {
   constexpr const char* kOp = "adam_step_";
   const size_t n = params.size();
   check_list_length(kOp, "grads", grads, n);
@@ -81,7 +85,7 @@ inline void check_adam_step_args(at::TensorList params, at::TensorList grads,
   check_list_length(kOp, "exp_avg_sqs", exp_avg_sqs, n);
   check_list_length(kOp, "max_exp_avg_sqs", max_exp_avg_sqs, amsgrad ? n : 0);
   check_list_length(kOp, "steps", steps, n);
-  check_scale_and_inf(kOp, grad_scale, found_inf, device);
+  check_scale_inf_lr(kOp, grad_scale, found_inf, lr_tensor, device);
   for (size_t i = 0; i < n; ++i) {
     check_param(kOp, params, i, device);
     check_like_param(kOp, "grads", grads, i, params[i]);
@@ -96,12 +100,13 @@ inline void check_adam_step_args(at::TensorList params, at::TensorList grads,
 inline void check_sgd_step_args(at::TensorList params, at::TensorList grads,
                                 at::TensorList momentum_buffers, bool has_momentum,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf, at::Device device) {
+                                const std::optional<at::Tensor>& found_inf, at::Device device,
+                                const std::optional<at::Tensor>& lr_tensor = std::nullopt) {
   constexpr const char* kOp = "sgd_step_";
   const size_t n = params.size();
   check_list_length(kOp, "grads", grads, n);
   check_list_length(kOp, "momentum_buffers", momentum_buffers, has_momentum ? n : 0);
-  check_scale_and_inf(kOp, grad_scale, found_inf, device);
+  check_scale_inf_lr(kOp, grad_scale, found_inf, lr_tensor, device);
   for (size_t i = 0; i < n; ++i) {
     check_param(kOp, params, i, device);
     check_like_param(kOp, "grads", grads, i, params[i]);

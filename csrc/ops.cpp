@@ -13,18 +13,22 @@
 TORCH_LIBRARY(fusedtrain, m) {
   // Adam / AdamW over lists of tensors, in place: increments each steps[i], then updates
   // params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad). With grad_scale, grads are
-  // divided by it and stored back; with found_inf != 0 nothing at all is changed.
+  // divided by it and stored back; with found_inf != 0 nothing at all is changed. With lr_tensor
+  // (one element, on the params' device) the learning rate is its value, read by the kernel, and
+  // the float lr is ignored: a step that CUDA graph capture records then follows later changes.
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   // SGD over lists of tensors, in place. momentum_buffers is empty when momentum == 0; with
   // first_step they are overwritten with the (decayed) gradient, as torch initialises them.
+  // grad_scale, found_inf and lr_tensor as for adam_step_.
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None) -> ()");
   // Linear layer + MSE loss: the loss of x @ weight.T + bias against target (N, out; expanded
   // by the caller) under reduction 1 (mean) or 2 (sum), and in the same pass its gradients
   // with respect to weight and bias (need_grad_params) and x (need_grad_x); gradients not asked
@@ -56,21 +60,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
          double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
          bool amsgrad, bool maximize, const OptionalTensor& grad_scale,
-         const OptionalTensor& found_inf) {
+         const OptionalTensor& found_inf, const OptionalTensor& lr_tensor) {
         fusedtrain::cpu::adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                        steps, lr, beta1, beta2, eps, weight_decay, decoupled,
-                                       amsgrad, maximize, grad_scale, found_inf);
+                                       amsgrad, maximize, grad_scale, found_inf, lr_tensor);
       },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+      py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
+      py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale") = py::none(),
+      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none(),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "sgd_step_cpu",
       [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers, double lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+         bool first_step, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+         const OptionalTensor& lr_tensor) {
         fusedtrain::cpu::sgd_step_cpu(params, grads, momentum_buffers, lr, momentum, dampening,
                                       weight_decay, nesterov, maximize, first_step, grad_scale,
-                                      found_inf);
+                                      found_inf, lr_tensor);
       },
+      py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"),
+      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+      py::arg("maximize"), py::arg("first_step"), py::arg("grad_scale") = py::none(),
+      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none(),
       py::call_guard<py::gil_scoped_release>());
   m.def("linear_mse_fwd_bwd_cpu", &fusedtrain::cpu::linear_mse_fwd_bwd_cpu,
         py::call_guard<py::gil_scoped_release>());

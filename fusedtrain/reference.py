@@ -24,6 +24,10 @@ def _skipped(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
+def _lr_value(lr: float, lr_tensor: Tensor | None) -> float:
+    return lr if lr_tensor is None else lr_tensor.item()
+
+
 def _unscaled_grad(grad: Tensor, grad_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     g = grad.to(dtype)
     if grad_scale is not None:
@@ -49,8 +53,10 @@ def adam_step_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
 ) -> None:
-    """Adam (decoupled=False) or AdamW (decoupled=True), one step, in place.
+    """Adam (decoupled=False) or AdamW (decoupled=True), one step, in place; lr_tensor, when
+    given, replaces lr.
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  v_hat = max(v_hat, v) if amsgrad
     p <- p - lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
@@ -58,6 +64,7 @@ def adam_step_(
     """
     if _skipped(found_inf):
         return
+    lr = _lr_value(lr, lr_tensor)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         steps[i] += 1
@@ -97,11 +104,13 @@ def sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
 ) -> None:
     """SGD, one step, in place: g += wd p; b <- g (first step) or momentum b + (1 - dampening) g;
-    g <- g + momentum b (nesterov) or b; p <- p - lr g."""
+    g <- g + momentum b (nesterov) or b; p <- p - lr g. lr_tensor, when given, replaces lr."""
     if _skipped(found_inf):
         return
+    lr = _lr_value(lr, lr_tensor)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         g = _unscaled_grad(grads[i], grad_scale, dtype)

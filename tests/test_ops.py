@@ -64,6 +64,41 @@ def test_opcheck_sgd(first_step):
     torch.library.opcheck(torch.ops.fusedtrain.sgd_step_.default, (*args, *hyper.values()))
 
 
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("implementation", ["native", "reference"])
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_lr_tensor_replaces_the_float_lr(op, implementation, lr_dtype):
+    make_args, hyper = (adam_args, ADAM_HYPER) if op == "adam" else (sgd_args, SGD_HYPER)
+    run = (getattr(torch.ops.fusedtrain, f"{op}_step_") if implementation == "native"
+           else getattr(reference, f"{op}_step_"))
+    want = make_args(torch.float32, [(3, 5), (7,)])
+    got = clone_args(want)
+    run(*want, **hyper)
+    run(*got, **dict(hyper, lr=123.0), lr_tensor=torch.tensor(hyper["lr"], dtype=lr_dtype))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_opcheck_with_lr_tensor():
+    args = adam_args(torch.float32, [(4,), (2, 3)])
+    torch.library.opcheck(torch.ops.fusedtrain.adam_step_.default, (*args, *ADAM_HYPER.values()),
+                          {"lr_tensor": torch.tensor(0.02)})
+    args = sgd_args(torch.float32, [(4,), (2, 3)])
+    torch.library.opcheck(torch.ops.fusedtrain.sgd_step_.default, (*args, *SGD_HYPER.values()),
+                          {"lr_tensor": torch.tensor(0.02)})
+
+
+@pytest.mark.parametrize("lr_tensor,message", [
+    (torch.tensor([0.1, 0.2]), "lr_tensor must have one element"),
+    (torch.tensor(1, dtype=torch.int64), "lr_tensor must be float32 or float64"),
+])
+def test_bad_lr_tensor_is_refused_before_any_change(lr_tensor, message):
+    args = adam_args(torch.float32, [(3,)])
+    before = clone_args(args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.fusedtrain.adam_step_(*args, **ADAM_HYPER, lr_tensor=lr_tensor)
+    torch.testing.assert_close(args, before, rtol=0, atol=0)
+
+
 def check_every_instruction_set(make_args, op, reference_op, hyper, tolerance):
     """Each instruction set's loop against the plain-PyTorch reference, and bit for bit against
     the baseline loop (the build disables FMA contraction so all of them round alike)."""

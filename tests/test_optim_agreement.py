@@ -116,6 +116,18 @@ def test_agrees_with_torch(name, config, dtype):
                 assert fused_state[key].dtype == torch_state[key].dtype, key
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_capturable_matches_torch_fused_capturable(name):
+    # On the CPU there is nothing to capture: capturable=True must change nothing but the flag.
+    torch_params = make_params(torch.float32, seed=3)
+    fused_params = clone_params(torch_params)
+    torch_opt = getattr(torch.optim, name)(torch_params, lr=0.01, fused=True, capturable=True)
+    fused_opt = getattr(fusedtrain.optim, name)(fused_params, lr=0.01, fused=True, capturable=True)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 10, seed=4)
+    torch.testing.assert_close(fused_params, torch_params)
+    assert fused_opt.state_dict()["param_groups"] == torch_opt.state_dict()["param_groups"]
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 def test_param_groups_with_different_hyperparameters(name):
     """Three groups, each with its own hyperparameters and params of two dtypes."""

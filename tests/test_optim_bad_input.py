@@ -35,7 +35,6 @@ def test_bad_hyperparameters_raise_like_torch(name, kwargs, message):
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
-    ("Adam", {"capturable": True}, "capturable"),
     ("Adam", {"differentiable": True}, "differentiable"),
     ("SGD", {"differentiable": True}, "differentiable"),
     ("Adam", {"backend": "gpu-magic"}, "backend"),

@@ -21,6 +21,11 @@ double grad_scale_value(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() ? read_scalar(*grad_scale) : 1.0;
 }
 
+// A tensor learning rate replaces the float one (on the CPU reading it costs nothing).
+double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() ? read_scalar(*lr_tensor) : lr;
+}
+
 }  // namespace
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -28,11 +33,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList steps, double lr, double beta1, double beta2, double eps,
                    double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = params.size();
   check_adam_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
-                       grad_scale, found_inf, at::kCPU);
+                       grad_scale, found_inf, at::kCPU, lr_tensor);
   if (n == 0 || step_skipped(found_inf)) return;
+  lr = lr_value(lr, lr_tensor);
 
   const AdamOptions options{amsgrad, weight_decay != 0.0 && !decoupled, grad_scale.has_value(),
                             grad_scale_value(grad_scale)};
@@ -87,12 +94,14 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool first_step,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& lr_tensor) {
   const size_t n = params.size();
   const bool has_momentum = momentum != 0.0;
   check_sgd_step_args(params, grads, momentum_buffers, has_momentum, grad_scale, found_inf,
-                      at::kCPU);
+                      at::kCPU, lr_tensor);
   if (n == 0 || step_skipped(found_inf)) return;
+  lr = lr_value(lr, lr_tensor);
 
   const SgdOptions options{weight_decay != 0.0,
                            has_momentum,

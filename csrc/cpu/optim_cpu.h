@@ -16,13 +16,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList steps, double lr, double beta1, double beta2, double eps,
                    double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf);
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& lr_tensor);
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool first_step,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf);
+                  const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& lr_tensor);
 
 }  // namespace cpu
 }  // namespace fusedtrain

@@ -3,11 +3,14 @@ param group and device."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from fusedtrain.optim import _common
+from fusedtrain import _dispatch
+from fusedtrain.optim import _common, _dtensor
 
 
 class MultiTensorOptimizer(Optimizer):
@@ -53,6 +56,7 @@ class MultiTensorOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every group before the first kernel runs, so a bad group mutates nothing.
+        self._check_graph_capture()
         name = type(self).__name__
         updates = [_common.params_with_grad(name, group) for group in self.param_groups]
         if self._state_needs_check:
@@ -73,8 +77,16 @@ class MultiTensorOptimizer(Optimizer):
             self._plans[id(group)] = cached
         return cached[1]
 
+    def _kernel(self, name: str, device: torch.device) -> Callable[..., None]:
+        """The op `name` of this optimizer's backend on `device`, taking DTensor params (FSDP2,
+        tensor parallelism) by their local shards."""
+        return _dtensor.on_local_shards(_dispatch.op(name, self.backend, device))
+
     def _forget_plan(self, group: dict) -> None:
         self._plans.pop(id(group), None)
+
+    def _check_graph_capture(self) -> None:
+        """Refuses a step that CUDA graph capture is recording, where the optimizer forbids it."""
 
     def _plan_flags(self, group: dict) -> tuple:
         """Hyperparameters that change which state tensors a plan holds."""

@@ -23,12 +23,17 @@ def check_lr(lr: float | Tensor) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def check_supported(optimizer: str, capturable: bool, differentiable: bool, backend: str) -> None:
-    if capturable:
-        raise ValueError(
-            f"fusedtrain.optim.{optimizer}: capturable=True (CUDA graph capture) is not supported "
-            "by this version; pass capturable=False"
-        )
+def lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """The (lr, lr_tensor) pair of an optimizer op. A tensor lr on an accelerator stays a tensor,
+    read by the kernel, so a step recorded by CUDA graph capture follows later changes to it (and
+    reading it on the host would wait for the device); the float is then ignored. A CPU one is
+    read here, for free."""
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":
+        return 0.0, lr.to(device)
+    return as_float(lr), None
+
+
+def check_supported(optimizer: str, differentiable: bool, backend: str) -> None:
     if differentiable:
         raise ValueError(
             f"fusedtrain.optim.{optimizer}: differentiable=True is not supported: the fused kernels "

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fusedtrain import _dispatch
 from fusedtrain.optim import _common
 from fusedtrain.optim._base import MultiTensorOptimizer
 
@@ -28,8 +27,11 @@ class AdamBucket(NamedTuple):
 class Adam(MultiTensorOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (same arguments and defaults).
 
-    ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. ``backend``
-    ("auto", "native", "reference") picks the implementation; see ``python -m fusedtrain info``.
+    ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. The step never
+    waits for the device, so ``capturable=True`` (CUDA graph capture of ``step()``) works on the
+    native CUDA kernels, with a tensor ``lr`` on the device read by the kernel. ``backend``
+    ("auto", "native", "triton", "reference") picks the implementation; see
+    ``python -m fusedtrain info``.
     """
 
     def __init__(
@@ -59,7 +61,7 @@ class Adam(MultiTensorOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _common.check_supported(type(self).__name__, capturable, differentiable, backend)
+        _common.check_supported(type(self).__name__, differentiable, backend)
         defaults = {
             "lr": lr,
             "betas": tuple(_common.as_float(b) for b in betas),
@@ -82,6 +84,12 @@ class Adam(MultiTensorOptimizer):
                                  ("capturable", False), ("differentiable", False),
                                  ("fused", None), ("decoupled_weight_decay", False)):
                 group.setdefault(key, default)
+
+    def _check_graph_capture(self) -> None:
+        # torch.optim.Adam's rule: capturing a step needs capturable=True. Only a process that
+        # has touched CUDA can be capturing, which spares CPU steps the check's cost.
+        if torch.cuda.is_initialized():
+            self._cuda_graph_capture_health_check()
 
     def _check_state(self, group_index: int, group: dict) -> None:
         name = type(self).__name__
@@ -130,14 +138,15 @@ class Adam(MultiTensorOptimizer):
         beta1, beta2 = group["betas"]
         for bucket in plan:
             grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
-            _dispatch.op("adam_step_", self.backend, bucket.device)(
+            lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
+            self._kernel("adam_step_", bucket.device)(
                 bucket.params,
                 [p.grad for p in bucket.params],
                 bucket.exp_avgs,
                 bucket.exp_avg_sqs,
                 bucket.max_exp_avg_sqs,
                 bucket.steps,
-                _common.as_float(group["lr"]),
+                lr,
                 _common.as_float(beta1),
                 _common.as_float(beta2),
                 group["eps"],
@@ -147,6 +156,7 @@ class Adam(MultiTensorOptimizer):
                 group["maximize"],
                 grad_scale,
                 found_inf,
+                lr_tensor,
             )
 
 

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fusedtrain import _dispatch
 from fusedtrain.optim import _common
 from fusedtrain.optim._base import MultiTensorOptimizer
 
@@ -56,7 +55,7 @@ class SGD(MultiTensorOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        _common.check_supported("SGD", False, differentiable, backend)
+        _common.check_supported("SGD", differentiable, backend)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -112,11 +111,12 @@ class SGD(MultiTensorOptimizer):
     def _call(self, group: dict, bucket: SgdBucket, first_step: bool) -> bool:
         """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped the step."""
         grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
-        _dispatch.op("sgd_step_", self.backend, bucket.device)(
+        lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
+        self._kernel("sgd_step_", bucket.device)(
             bucket.params,
             [p.grad for p in bucket.params],
             bucket.buffers,
-            _common.as_float(group["lr"]),
+            lr,
             group["momentum"],
             group["dampening"],
             _common.as_float(group["weight_decay"]),
@@ -125,6 +125,7 @@ class SGD(MultiTensorOptimizer):
             first_step,
             grad_scale,
             found_inf,
+            lr_tensor,
         )
         return found_inf is None or not bool(found_inf.item() != 0)
 

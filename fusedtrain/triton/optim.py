@@ -225,6 +225,12 @@ def _skipped(found_inf: Tensor | None) -> bool:
     return found_inf is not None and found_inf.item() != 0
 
 
+def _lr_value(lr: float, lr_tensor: Tensor | None) -> float:
+    """The learning rate: the coefficient tables are built on the host, so a tensor lr is read
+    there (these kernels are not for CUDA graph capture)."""
+    return lr if lr_tensor is None else lr_tensor.item()
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -328,11 +334,13 @@ def adam_step_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
 ) -> None:
     """Adam (decoupled=False) or AdamW (decoupled=True), one step, in place: see
     fusedtrain.reference.adam_step_."""
     if _skipped(found_inf):
         return
+    lr = _lr_value(lr, lr_tensor)
     rows = [[p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None]
             for i, p in enumerate(params)]
     groups = _groups(rows)
@@ -372,10 +380,12 @@ def sgd_step_(
     first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    lr_tensor: Tensor | None = None,
 ) -> None:
     """SGD, one step, in place: see fusedtrain.reference.sgd_step_."""
     if _skipped(found_inf):
         return
+    lr = _lr_value(lr, lr_tensor)
     rows = [[p, grads[i], momentum_buffers[i] if momentum != 0 else None]
             for i, p in enumerate(params)]
     groups = _groups(rows)
