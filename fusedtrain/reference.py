@@ -154,3 +154,47 @@ def linear_mse_fwd_bwd(
     grad_bias = g.sum(0) if need_grad_params and bias is not None else x.new_empty(0)
     grad_x = g @ weight if need_grad_x else x.new_empty(0)
     return loss, grad_weight, grad_bias, grad_x
+
+
+def linear_mse_train_step_(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    reduction: int,
+    state: list[Tensor],
+    adam: bool,
+    lr: float,
+    weight_decay: float,
+    maximize: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decoupled: bool,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    first_step: bool,
+) -> Tensor:
+    """One training step of a linear layer on the MSE loss: linear_mse_fwd_bwd, then adam_step_
+    (adam=True) or sgd_step_ on [weight, bias], in place; returns the loss before the update.
+
+    state, per param (weight, then bias if any): for Adam exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+    (amsgrad only) and steps; for SGD with momentum the momentum buffers; else nothing."""
+    params = [weight] if bias is None else [weight, bias]
+    n = len(params)
+    expected = ((4 if amsgrad else 3) * n if adam else (n if momentum != 0 else 0))
+    if len(state) != expected:
+        raise ValueError(f"linear_mse_train_step_: state has {len(state)} tensors, expected {expected}")
+    loss, grad_weight, grad_bias, _ = linear_mse_fwd_bwd(x, weight, bias, target, reduction, False)
+    grads = [grad_weight] if bias is None else [grad_weight, grad_bias]
+    if adam:
+        steps_at = (3 if amsgrad else 2) * n
+        adam_step_(params, grads, state[:n], state[n:2 * n], state[2 * n:steps_at],
+                   state[steps_at:], lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                   maximize)
+    else:
+        sgd_step_(params, grads, state, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                  first_step)
+    return loss
