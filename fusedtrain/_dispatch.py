@@ -20,7 +20,7 @@ import torch
 from fusedtrain import _extension, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
-TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd")
+TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "linear_mse_train_step_")
 
 
 def _native_devices() -> tuple[str, ...]:

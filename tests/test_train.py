@@ -1,6 +1,12 @@
-"""FusedTrainStep and fit against the stock loop: zero_grad, mse_loss(model(x), y), backward, step."""
+"""FusedTrainStep and fit against the stock loop: zero_grad, mse_loss(model(x), y), backward, step;
+and their backends against each other."""
 
 import copy
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import warnings
 
 import pytest
@@ -23,6 +29,11 @@ OPTIMIZERS = [
 ]
 
 
+def option_id(value) -> str:
+    """A test id for an optimizer's name or its keyword arguments."""
+    return value if isinstance(value, str) else "-".join(f"{k}={w}" for k, w in value.items())
+
+
 def stock_step(model, opt, x, y):
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -41,7 +52,7 @@ def make_problem(n, inp, out, dtype=torch.float32, seed=0):
     return x, y, model
 
 
-@pytest.mark.parametrize("name,kwargs", OPTIMIZERS, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()))
+@pytest.mark.parametrize("name,kwargs", OPTIMIZERS, ids=option_id)
 @pytest.mark.parametrize("flavour", ["torch", "fusedtrain"])
 @pytest.mark.parametrize("shape", [(64, 5, 1), (40, 7, 3), (30, 6, 20)])  # fused rows and GEMM path
 def test_fused_train_step_equals_the_stock_loop(name, kwargs, flavour, shape):
@@ -231,3 +242,134 @@ def test_train_step_op_equals_fused_train_step():
                 False, False, 0.0, 0.0, False, False)
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(twin.weight, model.weight)
+
+
+# ---- backend= ----------------------------------------------------------------------------------
+
+BACKEND_OPTIMIZERS = [
+    ("Adam", {"lr": 0.05}),
+    ("AdamW", {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1}),
+    ("SGD", {"lr": 0.05}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+]
+
+
+def train_with_backend(name, kwargs, backend, flavour=fusedtrain.optim):
+    """A fresh model and optimizer: fit (shuffled batches of 16 and a last one of 7, validation),
+    then 3 FusedTrainSteps; returns the losses, the model and the optimizer."""
+    x, y, model = make_problem(39, 5, 2, seed=21)
+    val = (x[:9] + 0.3, y[:9])
+    opt = getattr(flavour, name)(model.parameters(), **kwargs)
+    history = fusedtrain.fit(model, opt, x, y, epochs=3, batch_size=16, shuffle=True,
+                             generator=torch.Generator().manual_seed(4), val=val, backend=backend)
+    step = fusedtrain.FusedTrainStep(model, opt, backend=backend)
+    losses = [history.train_loss, history.val_loss] + [step(x[:20], y[:20]) for _ in range(3)]
+    return losses, model, opt
+
+
+def assert_same_training(got, want, **tolerance):
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, **tolerance)
+    for a, b in zip(got[1].parameters(), want[1].parameters()):
+        torch.testing.assert_close(a, b, **tolerance)
+    want_state = want[2].state_dict()["state"]
+    for index, entries in got[2].state_dict()["state"].items():
+        assert entries.keys() == want_state[index].keys()
+        for key, value in entries.items():
+            torch.testing.assert_close(value, want_state[index][key], **tolerance)
+
+
+@pytest.mark.parametrize("name,kwargs", BACKEND_OPTIMIZERS, ids=option_id)
+def test_auto_backend_follows_the_environment_and_the_step_loop_equals_the_native_loop(
+        name, kwargs, monkeypatch):
+    """FUSEDTRAIN_BACKEND=reference makes "auto" loop over the reference backend's train step;
+    with the native op standing in for it, the loop's batches, shuffling, validation and
+    history are the native loop's."""
+    calls = []
+
+    def native_step(*args):
+        calls.append(args[0].shape[0])
+        return torch.ops.fusedtrain.linear_mse_train_step_(*args)
+
+    want = train_with_backend(name, kwargs, "native", torch.optim)
+    monkeypatch.setattr(fusedtrain.reference, "linear_mse_train_step_", native_step)
+    monkeypatch.setenv("FUSEDTRAIN_BACKEND", "reference")
+    assert not calls
+    got = train_with_backend(name, kwargs, "auto", torch.optim)
+    assert calls == [16, 16, 7] * 3 + [20] * 3
+    assert_same_training(got, want)
+
+
+@pytest.mark.parametrize("name,kwargs", BACKEND_OPTIMIZERS, ids=option_id)
+def test_reference_backend_equals_native(name, kwargs):
+    want = train_with_backend(name, kwargs, "native")
+    got = train_with_backend(name, kwargs, "reference")
+    assert_same_training(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("unknown", ValueError, r"backend must be one of \('auto', 'native', 'triton', 'reference'\)"),
+    ("triton_on_cpu", RuntimeError, "backend='triton' cannot run on cpu"),
+    ("environment_triton", RuntimeError, "backend='triton' cannot run on cpu"),
+    ("environment_unknown", ValueError, "FUSEDTRAIN_BACKEND must be one of"),
+])
+@pytest.mark.parametrize("caller", ["FusedTrainStep", "fit"])
+def test_backend_that_cannot_run_is_refused_before_anything_changes(case, error, match, caller, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FUSEDTRAIN_BACKEND", raising=False)
+    x, y, model = make_problem(10, 3, 2, seed=22)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    backend = {"unknown": "gpu-magic", "triton_on_cpu": "triton"}.get(case, "auto")
+    step = fusedtrain.FusedTrainStep(model, opt) if case.startswith("environment") else None
+    if case.startswith("environment"):  # read at each call, as by the optimizers' steps
+        monkeypatch.setenv("FUSEDTRAIN_BACKEND", "triton" if case == "environment_triton" else "gpu")
+    before = mutation_guard(model, opt)
+    with pytest.raises(error, match=f"{caller}: {match}"):
+        if caller == "fit":
+            fusedtrain.fit(model, opt, x, y, epochs=2, backend=backend)
+        elif step is not None:
+            step(x, y)
+        else:
+            fusedtrain.FusedTrainStep(model, opt, backend=backend)
+    after = mutation_guard(model, opt)
+    for key, value in before[0].items():
+        assert torch.equal(after[0][key], value)
+    assert after[1]["state"] == before[1]["state"] == {}
+
+
+def test_without_the_extension_fit_runs_on_the_reference_backend():
+    script = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fusedtrain._C":
+                    raise ImportError("hidden for the test")
+
+        sys.meta_path.insert(0, HideExtension())
+        warnings.simplefilter("ignore")
+        import torch, fusedtrain
+
+        torch.manual_seed(0)
+        x, y = torch.randn(30, 3), torch.randn(30, 1)
+        stock, fused = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+        fused.load_state_dict(stock.state_dict())
+        opt = torch.optim.SGD(stock.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(5):
+            opt.zero_grad(); torch.nn.functional.mse_loss(stock(x), y).backward(); opt.step()
+        fused_opt = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+        fusedtrain.fit(fused, fused_opt, x, y, epochs=5)
+        print(all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stock.parameters(), fused.parameters())))
+        try:
+            fusedtrain.fit(fused, fused_opt, x, y, epochs=5, backend="native")
+        except RuntimeError as e:
+            print(e)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDTRAIN_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=tempfile.gettempdir(), env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "True"
+    assert lines[1].startswith("fit: backend='native' cannot run on cpu: the compiled extension")
