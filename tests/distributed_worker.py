@@ -161,25 +161,43 @@ def dtensor(name: str, rank: int, world_size: int, device: torch.device):
     return {"params": [_full(p) for p in params], "state": full_state(optimizer, params)}
 
 
-def dtensor_state_placed_unlike_param(rank: int, world_size: int, device: torch.device):
-    """A state_dict that gives a sharded param a replicated exp_avg: the step must refuse it,
-    leaving the param as it was."""
+def dtensor_bad_layouts(rank: int, world_size: int, device: torch.device):
+    """Gradients and state that a step must refuse, each in the second of two param groups:
+    the error must come before the first group's kernel runs, so no param changes."""
     params, step_grads, distribute = _dtensor_params(device)
-    param = params[0]
-    optimizer = fusedtrain.optim.Adam([param])
-    param.grad = step_grads[0][0]
+    sharded, other = params[0], params[1]
+    plain = torch.nn.Parameter(torch.ones(3, device=device))
+
+    def local_copies(*tensors):
+        return [(t.to_local() if hasattr(t, "to_local") else t).detach().clone() for t in tensors]
+
+    def refusal(optimizer, second_group_param, grad):
+        before = local_copies(other, second_group_param)
+        other.grad, second_group_param.grad = step_grads[1][1], grad
+        try:
+            optimizer.step()
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        after = local_copies(other, second_group_param)
+        return {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
+
+    # A state_dict that gives the sharded param a replicated exp_avg.
+    optimizer = fusedtrain.optim.Adam([{"params": [other]}, {"params": [sharded]}])
+    other.grad, sharded.grad = step_grads[0][1], step_grads[0][0]
     optimizer.step()
     state_dict = optimizer.state_dict()
-    exp_avg = state_dict["state"][0]["exp_avg"]
-    state_dict["state"][0]["exp_avg"] = distribute(exp_avg.full_tensor(), None)
+    state_dict["state"][1]["exp_avg"] = distribute(state_dict["state"][1]["exp_avg"].full_tensor(), None)
     optimizer.load_state_dict(state_dict)
-    param.grad = step_grads[1][0]
-    before = param.to_local().clone()
-    try:
-        optimizer.step()
-    except RuntimeError as e:
-        return {"error": str(e), "param_unchanged": torch.equal(param.to_local(), before)}
-    return {"error": None, "param_unchanged": torch.equal(param.to_local(), before)}
+    return {
+        "replicated exp_avg of a sharded param": refusal(optimizer, sharded, step_grads[1][0]),
+        "plain gradient of a sharded param": refusal(
+            fusedtrain.optim.SGD([{"params": [other]}, {"params": [sharded]}], lr=0.1),
+            sharded, step_grads[1][0].full_tensor()),
+        "DTensor gradient of a plain param": refusal(
+            fusedtrain.optim.SGD([{"params": [other]}, {"params": [plain]}], lr=0.1),
+            plain, distribute(torch.ones(3), None)),
+    }
 
 
 SCENARIOS = {
@@ -188,7 +206,7 @@ SCENARIOS = {
     "zero-bucket-view": functools.partial(zero, True),
     **{f"fsdp2-{name}": functools.partial(fsdp2, name) for name in OPTIMIZERS},
     **{f"dtensor-{name}": functools.partial(dtensor, name) for name in OPTIMIZERS},
-    "dtensor-state-placed-unlike-param": dtensor_state_placed_unlike_param,
+    "dtensor-bad-layouts": dtensor_bad_layouts,
 }
 
 
@@ -204,13 +222,15 @@ def run(rank: int, world_size: int, backend: str, device_type: str, init_file: s
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     results: dict[str, dict] = {}
     path = Path(out_dir) / f"rank{rank}.pt"
+    partial = path.with_suffix(".partial")  # renamed into place: a killed worker leaves no torn file
     try:
         for name, scenario in SCENARIOS.items():
             try:
                 results[name] = {"result": scenario(rank, world_size, device)}
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
-            torch.save(results, path)
+            torch.save(results, partial)
+            partial.replace(path)
             if "error" in results[name]:
                 break
     finally:

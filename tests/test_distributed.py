@@ -26,7 +26,7 @@ from helpers import train_side_by_side
 
 BACKENDS = {"gloo": "cpu", "nccl": "cuda"}  # backend: device type of its tensors
 # Past this the workers are killed and the tests fail: a hang must not block CI. Well above the
-# ~15 s they take on 2 shared cores; a rank stuck in a collective gives up sooner (30 s).
+# 10-30 s they take on 2 shared cores; a rank stuck in a collective gives up sooner (30 s).
 WORKERS_TIMEOUT_S = 150
 
 
@@ -181,8 +181,18 @@ def test_dtensor_params_update_their_local_shards(runs, name):
             assert_states_close(r["state"], full_state(optimizer, params))
 
 
-def test_dtensor_state_placed_unlike_its_param_is_refused(runs):
-    for r in runs.results("dtensor-state-placed-unlike-param"):
-        assert r["error"] is not None, "the step took a replicated exp_avg for a sharded param"
-        assert "optimizer state of param 0 is a DTensor placed as (Replicate(),)" in r["error"]
-        assert r["param_unchanged"]
+# What each refusal must say, after "<optimizer>: ".
+REFUSALS = {
+    "replicated exp_avg of a sharded param": "state['exp_avg'] of param 0 of param group 1 is a DTensor "
+                                             "placed as (Replicate(),)",
+    "plain gradient of a sharded param": "a param that is a DTensor placed as (Shard(dim=0),)",
+    "DTensor gradient of a plain param": "a param that is not a DTensor has a gradient that is a DTensor",
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_dtensor_laid_out_unlike_its_param_is_refused_before_any_update(runs, case):
+    for r in runs.results("dtensor-bad-layouts"):
+        assert r[case]["error"] is not None, f"the step took a {case}"
+        assert REFUSALS[case] in r[case]["error"]
+        assert r[case]["unchanged"], "a param changed before the refusal"

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fusedtrain import _dispatch
+from fusedtrain.optim import _dtensor
 
 
 def as_float(value: float | Tensor) -> float:
@@ -51,6 +52,7 @@ def params_with_grad(optimizer: str, group: dict) -> list[Tensor]:
                 f"{optimizer} does not support sparse gradients"
                 + (", please consider SparseAdam instead" if optimizer.startswith("Adam") else "")
             )
+    _dtensor.check_grads(optimizer, params)
     return params
 
 
@@ -86,6 +88,7 @@ def check_state_tensor(optimizer: str, state: dict, key: str, param: Tensor, whe
             f"{optimizer}: state['{key}'] of {where} is {value.dtype} on {value.device} but the "
             f"param is {param.dtype} on {param.device}"
         )
+    _dtensor.check_state_layout(optimizer, value, key, param, where)
 
 
 def check_step_tensor(optimizer: str, state: dict, where: str) -> None:

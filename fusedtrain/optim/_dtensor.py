@@ -16,50 +16,57 @@ def _dtensor_class() -> type | None:
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+def _layout(t: Tensor, dtensor: type) -> str:
+    return f"a DTensor placed as {t.placements} on {t.device_mesh}" if isinstance(t, dtensor) else "not a DTensor"
+
+
+def check_grads(optimizer: str, params: list[Tensor]) -> None:
+    """A DTensor param needs a DTensor gradient (placed as it or not: it is redistributed), a plain
+    param a plain one; checked before the step mutates anything."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return
+    for p in params:
+        if isinstance(p.grad, dtensor) != isinstance(p, dtensor):
+            raise RuntimeError(f"{optimizer}: a param that is {_layout(p, dtensor)} has a gradient "
+                               f"that is {_layout(p.grad, dtensor)}")
+
+
+def check_state_layout(optimizer: str, value: Tensor, key: str, param: Tensor, where: str) -> None:
+    """State updated element by element with `param` must be laid out as it: a DTensor placed as
+    the param (state is updated in place, so it cannot be redistributed), or plain beside plain."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return
+    if isinstance(value, dtensor) != isinstance(param, dtensor) or (
+        isinstance(param, dtensor)
+        and (value.device_mesh != param.device_mesh or value.placements != param.placements)
+    ):
+        raise RuntimeError(f"{optimizer}: state['{key}'] of {where} is {_layout(value, dtensor)} but "
+                           f"the param is {_layout(param, dtensor)}")
+
+
 def on_local_shards(kernel: Callable[..., None]) -> Callable[..., None]:
     """`kernel`, an optimizer op called as kernel(params, grads, *rest), made to take DTensor
-    params, grads and state by their local tensors; unchanged while no DTensor type exists."""
+    params, gradients and state (checked above) by their local tensors; unchanged while no
+    DTensor type exists."""
     dtensor = _dtensor_class()
     if dtensor is None:
         return kernel
 
+    def local(t: Tensor) -> Tensor:
+        return t.to_local() if isinstance(t, dtensor) else t
+
     def call(params: list[Tensor], grads: list[Tensor], *rest):
         if not any(isinstance(p, dtensor) for p in params):
             return kernel(params, grads, *rest)
-        local_params = [p.to_local() if isinstance(p, dtensor) else p for p in params]
-        local_grads = [_local_grad(g, p, dtensor) for g, p in zip(grads, params)]
-        local_rest = [_local_state(arg, params, dtensor) if isinstance(arg, list) else arg for arg in rest]
-        return kernel(local_params, local_grads, *local_rest)
+        # A gradient placed otherwise than its param (a Partial gradient of a replicated param
+        # under tensor parallelism) is first brought to the param's placements, as torch.optim's
+        # DTensor ops do implicitly.
+        grads = [g.redistribute(p.device_mesh, p.placements)
+                 if isinstance(p, dtensor) and (g.device_mesh, g.placements) != (p.device_mesh, p.placements)
+                 else g for g, p in zip(grads, params)]
+        return kernel([local(p) for p in params], [local(g) for g in grads],
+                      *([local(t) for t in arg] if isinstance(arg, list) else arg for arg in rest))
 
     return call
-
-
-def _local_grad(grad: Tensor, param: Tensor, dtensor: type) -> Tensor:
-    """The gradient's part of the param's local shard. Where the gradient is placed otherwise
-    (a Partial gradient of a replicated param under tensor parallelism), it is redistributed to
-    the param's placements first, as torch.optim's DTensor ops do implicitly."""
-    if not isinstance(param, dtensor):
-        return grad
-    if not isinstance(grad, dtensor):
-        raise RuntimeError(f"a DTensor param has a {type(grad).__name__} gradient; expected a DTensor")
-    if grad.device_mesh != param.device_mesh or grad.placements != param.placements:
-        grad = grad.redistribute(param.device_mesh, param.placements)
-    return grad.to_local()
-
-
-def _local_state(tensors: list[Tensor], params: list[Tensor], dtensor: type) -> list[Tensor]:
-    """Local tensors of per-param state that is laid out as its param (exp_avg, momentum_buffer);
-    plain tensors (the step counts) pass unchanged. State is updated in place, so it cannot be
-    redistributed: a different layout is refused."""
-    local = []
-    for index, (t, p) in enumerate(zip(tensors, params)):
-        if isinstance(t, dtensor):
-            if not isinstance(p, dtensor) or t.device_mesh != p.device_mesh or t.placements != p.placements:
-                raise RuntimeError(
-                    f"optimizer state of param {index} is a DTensor placed as {t.placements} on "
-                    f"{t.device_mesh}, but the param is "
-                    + (f"placed as {p.placements} on {p.device_mesh}" if isinstance(p, dtensor) else "not a DTensor")
-                )
-            t = t.to_local()
-        local.append(t)
-    return local
