@@ -258,3 +258,180 @@ def test_train_step_on_cuda_rejects_bad_arguments_before_changing_anything():
     torch.cuda.synchronize()
     for b, a in zip(before, [weight, bias] + state):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0)
+
+
+# The launcher's sizes (csrc/cuda/multi_tensor_apply.cuh): elements per chunk, chunks per launch.
+CHUNK = 65536
+TABLE_CHUNKS = 320
+
+
+def cuda_copy(t, offset=0):
+    """`t` on the GPU, `offset` elements into its storage: contiguous, but for offset != 0 not
+    16-byte aligned, which sends its chunks down the kernels' element-wise path."""
+    base = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
+    out = base[offset:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def assert_lists_close(got_lists, want_lists):
+    """Compared on the GPU, which is quick for the large tensors."""
+    for got, want in zip(got_lists, want_lists, strict=True):
+        for g, w in zip(got, want, strict=True):
+            tol = {} if w.dtype in (torch.float32, torch.float64) else {"atol": 1e-2, "rtol": 1e-2}
+            torch.testing.assert_close(g, w.to(g.device), **tol)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("op", ["adam_step_", "sgd_step_"])
+def test_lr_tensor_replaces_the_float_lr(op, lr_dtype):
+    lr_tensor = torch.tensor(0.0123, dtype=lr_dtype)
+    lr = lr_tensor.item()  # the value the kernel reads
+    if op == "adam_step_":
+        params, grads, exp_avgs = random_lists(torch.float32, 3, 3)
+        exp_avg_sqs = [t.abs() for t in random_lists(torch.float32, 1, 4)[0]]
+        cpu = [params, grads, exp_avgs, exp_avg_sqs, [], [torch.tensor(2.0) for _ in SHAPES]]
+        # Decoupled decay: lr enters the param decay as well as the step size.
+        hyper = dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True,
+                     amsgrad=False, maximize=False)
+    else:
+        cpu = random_lists(torch.float32, 3, 5)
+        hyper = dict(momentum=0.9, dampening=0.1, weight_decay=0.05, nesterov=True,
+                     maximize=False, first_step=False)
+    gpu = to_cuda(cpu)
+    getattr(reference, op)(*cpu, lr=lr, **hyper)
+    getattr(torch.ops.fusedtrain, op)(*gpu, lr=123.0, **hyper, lr_tensor=lr_tensor.cuda())
+    assert_lists_close(gpu, cpu)
+
+
+@pytest.mark.parametrize("bad_lr,problem", [(torch.tensor(0.01), "on cpu"),
+                                            (torch.tensor([0.01, 0.02]), "two elements"),
+                                            (torch.tensor(1), "int64")])
+def test_bad_lr_tensor_is_refused_before_anything_changes(bad_lr, problem):
+    lr_tensor = bad_lr if problem == "on cpu" else bad_lr.cuda()
+    params, grads = to_cuda(random_lists(torch.float32, 2, 6))
+    before = [p.clone() for p in params]
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="lr_tensor"):
+        torch.ops.fusedtrain.sgd_step_(params, grads, [], 0.01, 0.0, 0.0, 0.0, False, False, False,
+                                       lr_tensor=lr_tensor)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def many_tensor_lists(streams, seed, count=300):
+    """`streams` lists of `count` + 1 tensors: every size class around a chunk, in float32,
+    bfloat16 and float64 (one launch sequence each, several launches each), and one float32
+    tensor with more chunks than a launch holds."""
+    shapes = [(), (0,), (7,), (129,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (3 * CHUNK + 5,), (33, 65)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    specs = [(shapes[i % len(shapes)], dtypes[(i // len(shapes)) % len(dtypes)]) for i in range(count)]
+    specs.insert(count // 2, ((TABLE_CHUNKS * CHUNK + 1000,), torch.float32))
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=g).to(dtype) for shape, dtype in specs] for _ in range(streams)]
+
+
+def to_cuda_some_unaligned(lists):
+    """On the GPU; some tensors of some lists (params, grads) at an unaligned address."""
+    return [[cuda_copy(t, offset=1 if (i + 3 * k) % 5 == 0 and k < 2 else 0) for i, t in enumerate(lst)]
+            for k, lst in enumerate(lists)]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_over_many_tensors_and_launches_matches_reference(amsgrad):
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs = many_tensor_lists(5, 7)
+    exp_avg_sqs = [t.abs() for t in exp_avg_sqs]
+    max_sqs = [t.abs() for t in max_sqs] if amsgrad else []
+    # A different step per tensor: each block must read its own tensor's counter.
+    steps = [torch.tensor(float(i % 7)) for i in range(len(params))]
+    cpu = [params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps]
+    gpu = to_cuda_some_unaligned(cpu)
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=False,
+                 amsgrad=amsgrad, maximize=False)
+    reference.adam_step_(*cpu, **hyper)
+    torch.ops.fusedtrain.adam_step_(*gpu, **hyper)
+    assert_lists_close(gpu, cpu)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_over_many_tensors_and_launches_matches_reference(momentum):
+    lists = many_tensor_lists(3 if momentum else 2, 8)
+    cpu = lists if momentum else [*lists, []]
+    gpu = to_cuda_some_unaligned(cpu)
+    hyper = dict(lr=0.01, momentum=momentum, dampening=0.0, weight_decay=0.05, nesterov=False,
+                 maximize=False, first_step=False)
+    reference.sgd_step_(*cpu, **hyper)
+    torch.ops.fusedtrain.sgd_step_(*gpu, **hyper)
+    assert_lists_close(gpu, cpu)
+
+
+@pytest.mark.parametrize("op", ["adam_step_", "sgd_step_"])
+def test_found_inf_skips_the_update_and_the_step_increment(op):
+    if op == "adam_step_":
+        params, grads, exp_avgs, exp_avg_sqs = random_lists(torch.float32, 4, 9)
+        lists = [params, grads, exp_avgs, [t.abs() for t in exp_avg_sqs], [],
+                 [torch.tensor(4.0) for _ in SHAPES]]
+        hyper = [0.01, 0.9, 0.99, 1e-8, 0.0, False, False, False]
+    else:
+        lists = random_lists(torch.float32, 3, 10)
+        hyper = [0.01, 0.9, 0.0, 0.0, False, False, False]
+    gpu = to_cuda(lists)
+    before = [[t.clone() for t in lst] for lst in gpu]
+    getattr(torch.ops.fusedtrain, op)(*gpu, *hyper, grad_scale=torch.tensor(8.0, device="cuda"),
+                                      found_inf=torch.tensor(1.0, device="cuda"),
+                                      lr_tensor=torch.tensor(0.5, device="cuda"))
+    for got, want in zip(gpu, before):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", {}), ("AdamW", {"weight_decay": 0.1, "amsgrad": True})])
+def test_captured_adam_step_replays_like_eager_torch_adam(name, kwargs):
+    shapes = [(64, 33), (33,), (), (0, 4), (70001,)]
+    warmup_steps, replays = 3, 5
+    g = torch.Generator().manual_seed(12)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g).cuda()) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [[torch.randn(s, generator=g).cuda() for s in shapes] for _ in range(warmup_steps + replays)]
+    lrs = [1e-3] * warmup_steps + [2e-3, 5e-4, 1e-2, 3e-3, 7e-4]
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = getattr(fusedtrain.optim, name)(ours, lr=lr, capturable=True, **kwargs)
+    eager = getattr(torch.optim, name)(theirs, lr=lrs[0], capturable=False, foreach=False, **kwargs)
+    for p in ours:
+        p.grad = torch.zeros_like(p)  # the static gradients that the captured step reads
+
+    def eager_step(k):
+        for p, grad in zip(theirs, grads[k]):
+            p.grad = grad.clone()
+        eager.param_groups[0]["lr"] = lr.item()  # the float32 value that ours reads
+        eager.step()
+
+    # Warm up on a side stream (creates the state), as torch.cuda.graphs' docs show.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(warmup_steps):
+            for p, grad in zip(ours, grads[k]):
+                p.grad.copy_(grad)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for k in range(warmup_steps):
+        eager_step(k)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(warmup_steps, warmup_steps + replays):
+        lr.fill_(lrs[k])
+        for p, grad in zip(ours, grads[k]):
+            p.grad.copy_(grad)
+        graph.replay()
+        eager_step(k)
+
+    torch.cuda.synchronize()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q)
+        for key, value in eager.state[q].items():
+            if key == "step":
+                assert float(opt.state[p][key]) == float(value) == warmup_steps + replays
+            else:
+                torch.testing.assert_close(opt.state[p][key], value)

@@ -1,11 +1,15 @@
 // CUDA implementations of fusedtrain::adam_step_ and fusedtrain::sgd_step_: the per-element
-// math of csrc/include/fusedtrain/{adam,sgd}_math.h, applied by one launch per storage dtype
-// over all tensors of the call (multi_tensor_apply.cuh). fp32 math for 16-bit tensors, 16-byte
-// vector loads when every stream of a chunk is aligned, 64-bit indexing. grad_scale and
-// found_inf are read on the device, so a GradScaler step needs no host synchronisation; the
-// step counters are device tensors, read by each block and incremented by a second launch.
+// math of csrc/include/fusedtrain/{adam,sgd}_math.h, applied by one sequence of launches per
+// storage dtype over all tensors of the call, their addresses in the kernel arguments
+// (multi_tensor_apply.cuh). fp32 math for 16-bit tensors, 16-byte vector loads when every stream
+// of a chunk is aligned, 64-bit indexing. Everything that may change between steps is read on
+// the device: grad_scale, found_inf, lr_tensor and the step counters, which a last launch
+// increments after every update launch has read them. A step therefore neither allocates,
+// copies nor synchronises, and can be captured in a CUDA graph.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -57,69 +61,110 @@ struct alignas(16) Pack {
   S v[kSize];
 };
 
-// Runs element(i, values...) over the chunk, where values[s][k] are the loaded elements of
-// stream s; the functor writes back into the same arrays, which are then stored.
+// The chunk that block blockIdx.x runs: each stream's pointer to its first element, its length
+// and the slot of its tensor in the table.
+template <typename S, int kStreams>
+struct Chunk {
+  S* data[kStreams];
+  int64_t size;
+  int slot;
+};
+
+template <typename S, int kStreams, bool kWithStep>
+__device__ __forceinline__ Chunk<S, kStreams> block_chunk(const ChunkTable<kStreams, kWithStep>& table) {
+  const int b = static_cast<int>(blockIdx.x);
+  Chunk<S, kStreams> c;
+  c.slot = table.chunk_tensor[b];
+  c.size = chunk_size(table, b);
+  const int64_t begin = chunk_begin(table, b);
+  for (int s = 0; s < kStreams; ++s) c.data[s] = static_cast<S*>(table.data[s][c.slot]) + begin;
+  return c;
+}
+
+// Runs element(values) over the chunk, where values[s] is the loaded element of stream s; the
+// functor writes back into the array, which is then stored. 16-byte loads when every stream of
+// the chunk is 16-byte aligned (a view with a storage offset may not be).
 template <typename Fmt, int kStreams, typename Element>
-__device__ void for_chunk(const TensorEntry& t, int64_t begin, const Element& element) {
+__device__ __forceinline__ void for_chunk(const Chunk<typename Fmt::storage_t, kStreams>& c,
+                                          const Element& element) {
   using S = typename Fmt::storage_t;
   using T = typename Fmt::compute_t;
   constexpr int kVec = Pack<S>::kSize;
-  const int64_t end = begin + kChunkElements < t.numel ? begin + kChunkElements : t.numel;
-  bool aligned = begin % kVec == 0;
-  for (int s = 0; s < kStreams; ++s) aligned = aligned && t.data[s] % 16 == 0;
+  auto one_element = [&](int64_t j) {
+    T v[kStreams];
+    for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(c.data[s][j]);
+    element(v);
+    for (int s = 0; s < kStreams; ++s) c.data[s][j] = Fmt::store(v[s]);
+  };
+  bool aligned = true;
+  for (int s = 0; s < kStreams; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(c.data[s]) % 16 == 0;
   if (aligned) {
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < end;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < c.size;
          i += static_cast<int64_t>(blockDim.x) * kVec) {
-      if (i + kVec <= end) {
+      if (i + kVec <= c.size) {
         Pack<S> packs[kStreams];
-        for (int s = 0; s < kStreams; ++s) packs[s] = *reinterpret_cast<const Pack<S>*>(reinterpret_cast<S*>(t.data[s]) + i);
+        for (int s = 0; s < kStreams; ++s) packs[s] = *reinterpret_cast<const Pack<S>*>(c.data[s] + i);
         for (int k = 0; k < kVec; ++k) {
           T v[kStreams];
           for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(packs[s].v[k]);
           element(v);
           for (int s = 0; s < kStreams; ++s) packs[s].v[k] = Fmt::store(v[s]);
         }
-        for (int s = 0; s < kStreams; ++s) *reinterpret_cast<Pack<S>*>(reinterpret_cast<S*>(t.data[s]) + i) = packs[s];
+        for (int s = 0; s < kStreams; ++s) *reinterpret_cast<Pack<S>*>(c.data[s] + i) = packs[s];
       } else {
-        for (int64_t j = i; j < end; ++j) {
-          T v[kStreams];
-          for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(reinterpret_cast<S*>(t.data[s])[j]);
-          element(v);
-          for (int s = 0; s < kStreams; ++s) reinterpret_cast<S*>(t.data[s])[j] = Fmt::store(v[s]);
-        }
+        for (int64_t j = i; j < c.size; ++j) one_element(j);
       }
     }
   } else {
-    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-      T v[kStreams];
-      for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(reinterpret_cast<S*>(t.data[s])[j]);
-      element(v);
-      for (int s = 0; s < kStreams; ++s) reinterpret_cast<S*>(t.data[s])[j] = Fmt::store(v[s]);
-    }
+    for (int64_t j = threadIdx.x; j < c.size; j += blockDim.x) one_element(j);
   }
 }
 
-struct AdamHyper {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool decoupled, maximize;
+// The learning rate: the float argument, or the element of lr_tensor, read by every block so
+// that a captured graph follows in-place changes to it.
+struct LearningRate {
+  double value;
+  const void* tensor;
+  bool tensor_is_double;
+
+  __device__ double read() const {
+    if (tensor == nullptr) return value;
+    return tensor_is_double ? *static_cast<const double*>(tensor)
+                            : static_cast<double>(*static_cast<const float*>(tensor));
+  }
 };
 
-// Streams: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]. The grad is stored back
-// unscaled when a grad_scale is given, as torch's fused Adam does.
+struct AdamArgs {
+  LearningRate lr;
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+// Streams: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq].
+template <bool kAmsgrad>
+using AdamTable = ChunkTable<kAmsgrad ? 5 : 4, /*kWithStep=*/true>;
+static_assert(sizeof(AdamTable<true>) + sizeof(AdamArgs) <= kKernelParamBytes &&
+                  sizeof(AdamTable<false>) + sizeof(AdamArgs) <= kKernelParamBytes,
+              "adam_kernel's arguments exceed the kernel parameter limit");
+
+// The grad is stored back unscaled when a grad_scale is given, as torch's fused Adam does. The
+// step counters are read here and incremented by increment_steps after every update launch.
 template <typename Fmt, bool kAmsgrad, bool kCoupledDecay>
 __global__ void __launch_bounds__(kThreads)
-adam_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, AdamHyper h,
-            const float* grad_scale, const float* found_inf) {
+adam_kernel(AdamTable<kAmsgrad> table, AdamArgs a) {
   using T = typename Fmt::compute_t;
-  if (found_inf != nullptr && *found_inf != 0.0f) return;
-  const ChunkEntry c = chunks[blockIdx.x];
-  const TensorEntry& t = tensors[c.tensor];
-  const double step = static_cast<double>(*reinterpret_cast<const float*>(t.step)) + 1.0;
+  constexpr int kStreams = kAmsgrad ? 5 : 4;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
+  const Chunk<typename Fmt::storage_t, kStreams> c =
+      block_chunk<typename Fmt::storage_t>(table);
+  const double step = static_cast<double>(*table.step[c.slot]) + 1.0;
   const math::AdamCoeffs<T> coeffs = math::make_adam_coeffs<T>(
-      h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, h.maximize, step);
-  const T scale = grad_scale != nullptr ? static_cast<T>(*grad_scale) : T(1);
-  const bool unscale = grad_scale != nullptr;
-  for_chunk<Fmt, kAmsgrad ? 5 : 4>(t, c.begin, [&](T* v) {
+      a.lr.read(), a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled, a.maximize, step);
+  const T scale = a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1);
+  const bool unscale = a.grad_scale != nullptr;
+  for_chunk<Fmt, kStreams>(c, [&](T* v) {
     const T g = unscale ? v[1] / scale : v[1];
     v[1] = g;
     if constexpr (kAmsgrad) {
@@ -131,32 +176,44 @@ adam_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, AdamHyper h,
   });
 }
 
-// After the update kernel (same stream): each tensor's step counter += 1, unless skipped.
-__global__ void increment_steps(const TensorEntry* tensors, int64_t n, const float* found_inf) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n || (found_inf != nullptr && *found_inf != 0.0f)) return;
-  *reinterpret_cast<float*>(tensors[i].step) += 1.0f;
+static_assert(sizeof(StepTable) + sizeof(const float*) <= kKernelParamBytes,
+              "increment_steps's arguments exceed the kernel parameter limit");
+
+// Launched with one thread per counter, after all update launches of the call (same stream):
+// each step counter += 1, unless found_inf skips the step.
+__global__ void increment_steps(StepTable table, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  if (static_cast<int>(threadIdx.x) < table.count) *table.step[threadIdx.x] += 1.0f;
 }
 
-struct SgdHyper {
-  double lr, momentum, dampening, weight_decay;
+struct SgdArgs {
+  LearningRate lr;
+  double momentum, dampening, weight_decay;
   bool maximize;
+  const float* grad_scale;
+  const float* found_inf;
 };
 
 // Streams: param, grad[, momentum_buffer].
+template <bool kMomentum>
+using SgdTable = ChunkTable<kMomentum ? 3 : 2, /*kWithStep=*/false>;
+static_assert(sizeof(SgdTable<true>) + sizeof(SgdArgs) <= kKernelParamBytes &&
+                  sizeof(SgdTable<false>) + sizeof(SgdArgs) <= kKernelParamBytes,
+              "sgd_kernel's arguments exceed the kernel parameter limit");
+
 template <typename Fmt, bool kDecay, bool kMomentum, bool kFirstStep, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
-sgd_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, SgdHyper h,
-           const float* grad_scale, const float* found_inf) {
+sgd_kernel(SgdTable<kMomentum> table, SgdArgs a) {
   using T = typename Fmt::compute_t;
-  if (found_inf != nullptr && *found_inf != 0.0f) return;
-  const ChunkEntry c = chunks[blockIdx.x];
-  const TensorEntry& t = tensors[c.tensor];
+  constexpr int kStreams = kMomentum ? 3 : 2;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
+  const Chunk<typename Fmt::storage_t, kStreams> c =
+      block_chunk<typename Fmt::storage_t>(table);
   const math::SgdCoeffs<T> coeffs =
-      math::make_sgd_coeffs<T>(h.lr, h.momentum, h.dampening, h.weight_decay, h.maximize);
-  const T scale = grad_scale != nullptr ? static_cast<T>(*grad_scale) : T(1);
-  const bool unscale = grad_scale != nullptr;
-  for_chunk<Fmt, kMomentum ? 3 : 2>(t, c.begin, [&](T* v) {
+      math::make_sgd_coeffs<T>(a.lr.read(), a.momentum, a.dampening, a.weight_decay, a.maximize);
+  const T scale = a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1);
+  const bool unscale = a.grad_scale != nullptr;
+  for_chunk<Fmt, kStreams>(c, [&](T* v) {
     const T g = unscale ? v[1] / scale : v[1];
     v[1] = g;
     if constexpr (kMomentum) {
@@ -228,7 +285,11 @@ void check_launch() {
   TORCH_CHECK(error == cudaSuccess, "fusedtrain CUDA kernel launch failed: ", cudaGetErrorString(error));
 }
 
-int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_ptr()); }
+// lr_tensor (checked with the other arguments) replaces lr when given.
+LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value()) return {lr, nullptr, false};
+  return {lr, lr_tensor->data_ptr(), lr_tensor->scalar_type() == at::kDouble};
+}
 
 }  // namespace
 
@@ -237,13 +298,14 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList steps, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* kOp = "adam_step_";
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
   check_adam_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
-                       grad_scale, found_inf, device);
+                       grad_scale, found_inf, device, lr_tensor);
   check_float32_amp_tensors(kOp, grad_scale, found_inf);
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK_TYPE(steps[i].scalar_type() == at::kFloat, kOp, ": steps[", i,
@@ -251,91 +313,102 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
       TORCH_CHECK_VALUE(t->is_contiguous(), kOp, ": tensors must be contiguous on CUDA (index ", i, ")");
     }
+    TORCH_CHECK_VALUE(!amsgrad || max_exp_avg_sqs[i].is_contiguous(), kOp,
+                      ": tensors must be contiguous on CUDA (index ", i, ")");
   }
+  const AdamArgs args{learning_rate(lr, lr_tensor), beta1, beta2, eps, weight_decay,
+                      decoupled, maximize, optional_float_ptr(grad_scale),
+                      optional_float_ptr(found_inf)};
   const c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  const AdamHyper h{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
-  for (const auto& [dtype, indices] : by_dtype(params)) {
-    std::vector<TensorEntry> entries;
-    for (size_t i : indices) {
-      entries.push_back({{address(params[i]), address(grads[i]), address(exp_avgs[i]),
-                          address(exp_avg_sqs[i]), amsgrad ? address(max_exp_avg_sqs[i]) : 0},
-                         address(steps[i]),
-                         params[i].numel()});
-    }
-    const LaunchTables tables = make_tables(entries, device);
-    if (tables.num_chunks > 0) {
-      with_format(dtype, [&](auto fmt) {
-        with_flag(amsgrad, [&](auto ams) {
-          with_flag(weight_decay != 0.0 && !decoupled, [&](auto coupled) {
-            adam_kernel<decltype(fmt), decltype(ams)::value, decltype(coupled)::value>
-                <<<tables.num_chunks, kThreads, 0, stream>>>(tables.tensors, tables.chunks, h,
-                                                             optional_float_ptr(grad_scale),
-                                                             optional_float_ptr(found_inf));
+  with_flag(amsgrad, [&](auto ams) {
+    constexpr bool kAmsgrad = decltype(ams)::value;
+    constexpr int kStreams = kAmsgrad ? 5 : 4;
+    for (const auto& group : by_dtype(params)) {
+      std::vector<TensorRef<kStreams>> refs;
+      for (size_t i : group.second) {
+        TensorRef<kStreams> ref{{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                                 exp_avg_sqs[i].data_ptr()},
+                                steps[i].data_ptr<float>(),
+                                params[i].numel()};
+        if constexpr (kAmsgrad) ref.data[4] = max_exp_avg_sqs[i].data_ptr();
+        refs.push_back(ref);
+      }
+      with_format(group.first, [&](auto fmt) {
+        with_flag(weight_decay != 0.0 && !decoupled, [&](auto coupled) {
+          for_each_chunk_table<kStreams, true>(refs, [&](const AdamTable<kAmsgrad>& table, int chunks) {
+            adam_kernel<decltype(fmt), kAmsgrad, decltype(coupled)::value>
+                <<<chunks, kThreads, 0, stream>>>(table, args);
+            check_launch();
           });
         });
       });
-      check_launch();
     }
-    const int64_t count = static_cast<int64_t>(entries.size());
-    increment_steps<<<(count + 255) / 256, 256, 0, stream>>>(tables.tensors, count,
-                                                             optional_float_ptr(found_inf));
+  });
+  // Launched after every update launch of the call, so stream order has them all read the step
+  // counters before they move.
+  std::vector<float*> step_counters;
+  for (size_t i = 0; i < n; ++i) step_counters.push_back(steps[i].data_ptr<float>());
+  for_each_step_table(step_counters, [&](const StepTable& table) {
+    increment_steps<<<1, table.count, 0, stream>>>(table, args.found_inf);
     check_launch();
-  }
+  });
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    double lr, double momentum, double dampening, double weight_decay,
                    bool nesterov, bool maximize, bool first_step,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* kOp = "sgd_step_";
   const size_t n = params.size();
   if (n == 0) return;
   const at::Device device = params[0].device();
   const bool has_momentum = momentum != 0.0;
-  check_sgd_step_args(params, grads, momentum_buffers, has_momentum, grad_scale, found_inf, device);
+  check_sgd_step_args(params, grads, momentum_buffers, has_momentum, grad_scale, found_inf, device,
+                      lr_tensor);
   check_float32_amp_tensors(kOp, grad_scale, found_inf);
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(params[i].is_contiguous() && grads[i].is_contiguous() &&
                           (!has_momentum || momentum_buffers[i].is_contiguous()),
                       kOp, ": tensors must be contiguous on CUDA (index ", i, ")");
   }
+  const SgdArgs args{learning_rate(lr, lr_tensor), momentum, dampening, weight_decay,
+                     maximize, optional_float_ptr(grad_scale), optional_float_ptr(found_inf)};
   const c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
-  const SgdHyper h{lr, momentum, dampening, weight_decay, maximize};
-  for (const auto& [dtype, indices] : by_dtype(params)) {
-    std::vector<TensorEntry> entries;
-    for (size_t i : indices) {
-      entries.push_back({{address(params[i]), address(grads[i]),
-                          has_momentum ? address(momentum_buffers[i]) : 0, 0, 0},
-                         0,
-                         params[i].numel()});
-    }
-    const LaunchTables tables = make_tables(entries, device);
-    if (tables.num_chunks == 0) continue;
-    with_format(dtype, [&](auto fmt) {
-      using Fmt = decltype(fmt);
-      with_flag(weight_decay != 0.0, [&](auto decay) {
-        constexpr bool kDecay = decltype(decay)::value;
-        if (!has_momentum) {
-          sgd_kernel<Fmt, kDecay, false, false, false><<<tables.num_chunks, kThreads, 0, stream>>>(
-              tables.tensors, tables.chunks, h, optional_float_ptr(grad_scale),
-              optional_float_ptr(found_inf));
-          return;
-        }
-        with_flag(first_step, [&](auto first) {
-          with_flag(nesterov, [&](auto nest) {
-            sgd_kernel<Fmt, kDecay, true, decltype(first)::value, decltype(nest)::value>
-                <<<tables.num_chunks, kThreads, 0, stream>>>(tables.tensors, tables.chunks, h,
-                                                             optional_float_ptr(grad_scale),
-                                                             optional_float_ptr(found_inf));
-          });
+  with_flag(has_momentum, [&](auto with_momentum) {
+    constexpr bool kMomentum = decltype(with_momentum)::value;
+    constexpr int kStreams = kMomentum ? 3 : 2;
+    for (const auto& group : by_dtype(params)) {
+      std::vector<TensorRef<kStreams>> refs;
+      for (size_t i : group.second) {
+        TensorRef<kStreams> ref{{params[i].data_ptr(), grads[i].data_ptr()}, nullptr, params[i].numel()};
+        if constexpr (kMomentum) ref.data[2] = momentum_buffers[i].data_ptr();
+        refs.push_back(ref);
+      }
+      with_format(group.first, [&](auto fmt) {
+        with_flag(weight_decay != 0.0, [&](auto decay) {
+          auto launch = [&](auto first, auto nest) {
+            for_each_chunk_table<kStreams, false>(refs, [&](const SgdTable<kMomentum>& table, int chunks) {
+              sgd_kernel<decltype(fmt), decltype(decay)::value, kMomentum, decltype(first)::value,
+                         decltype(nest)::value><<<chunks, kThreads, 0, stream>>>(table, args);
+              check_launch();
+            });
+          };
+          if constexpr (kMomentum) {
+            with_flag(first_step, [&](auto first) {
+              with_flag(nesterov, [&](auto nest) { launch(first, nest); });
+            });
+          } else {
+            // Without momentum there is no buffer to start or to look ahead with.
+            launch(std::false_type{}, std::false_type{});
+          }
         });
       });
-    });
-    check_launch();
-  }
+    }
+  });
 }
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
