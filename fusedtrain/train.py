@@ -12,6 +12,7 @@ that backend, one call per batch, with the same batches, shuffling, validation a
 
 from __future__ import annotations
 
+import operator
 import sys
 import warnings
 from typing import NamedTuple
@@ -88,10 +89,12 @@ class _LinearMSETraining:
         self.backend = backend
         self.resolve_backend(model.weight.device)  # an unknown one, or one that cannot run here, fails now
         self.adam = isinstance(optimizer, (torch.optim.Adam, fusedtrain.optim.Adam))
-        self._hyper_keys = [k for k in ("lr", "weight_decay", "maximize", "betas", "eps", "amsgrad",
-                                        "decoupled_weight_decay", "momentum", "dampening", "nesterov")
-                            if k in group]
-        self._configured = None
+        self._read_hyper = operator.itemgetter(*(
+            k for k in ("lr", "weight_decay", "maximize", "betas", "eps", "amsgrad",
+                        "decoupled_weight_decay", "momentum", "dampening", "nesterov") if k in group))
+        self._hyper = None  # the group's values the update was configured from
+        self._configured = None  # ... as plain numbers
+        self._hyper_has_tensor = False
 
     def resolve_backend(self, device: torch.device) -> str:
         """The concrete backend for `device` now (FUSEDTRAIN_BACKEND is read at each call, as by
@@ -134,10 +137,15 @@ class _LinearMSETraining:
         self.update set from the param group; the momentum buffers to store after the call when
         SGD starts them; and whether it does (the op's first_step)."""
         group = self.optimizer.param_groups[0]
-        hyper = tuple(_plain(group[k]) for k in self._hyper_keys)
-        if hyper != self._configured:  # a scheduler changed something: push it to the config
-            self._configure(group)
-            self._configured = hyper
+        hyper = self._read_hyper(group)
+        # The same plain values as last time need no more work; a tensor (lr) may have changed in place.
+        if self._hyper_has_tensor or hyper != self._hyper:
+            plain = _plain(hyper)
+            if plain != self._configured:  # a scheduler changed something: push it to the config
+                self._configure(group)
+                self._configured = plain
+            self._hyper = hyper
+            self._hyper_has_tensor = _has_tensor(hyper)
         state = self.optimizer.state
         if self.adam:
             on_cpu = device.type == "cpu"
@@ -289,6 +297,10 @@ def fit(model: nn.Linear, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor
             train = torch.cat([p[0] for p in parts]) if parts else x.new_empty(0)
             valid = torch.cat([p[1] for p in parts]) if parts else x.new_empty(0)
     return FitHistory(train, valid if val is not None else None)
+
+
+def _has_tensor(value) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and any(map(_has_tensor, value)))
 
 
 def _plain(value):
