@@ -74,6 +74,20 @@ def test_fused_train_step_equals_the_stock_loop(name, kwargs, flavour, shape):
         assert entries.keys() == stock_state[index].keys()
 
 
+def test_fused_train_step_follows_a_tensor_lr_changed_in_place():
+    x, y, stock_model = make_problem(40, 3, 1, seed=8)
+    fused_model = copy.deepcopy(stock_model)
+    stock_opt = torch.optim.Adam(stock_model.parameters(), lr=torch.tensor(0.1))
+    fused_opt = fusedtrain.optim.Adam(fused_model.parameters(), lr=torch.tensor(0.1))
+    step = fusedtrain.FusedTrainStep(fused_model, fused_opt)
+    for _ in range(6):
+        stock_step(stock_model, stock_opt, x, y)
+        step(x, y)
+        for opt in (stock_opt, fused_opt):
+            opt.param_groups[0]["lr"].mul_(0.5)
+    torch.testing.assert_close(list(fused_model.parameters()), list(stock_model.parameters()))
+
+
 def test_fused_train_step_follows_the_scheduler_and_switches_back():
     x, y, stock_model = make_problem(50, 4, 1, seed=3)
     fused_model = copy.deepcopy(stock_model)
