@@ -55,19 +55,60 @@ class _LinearMSE(torch.autograd.Function):
                 None, None, None)
 
 
+def _takes_stock_path(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                      reduction: str) -> bool:
+    """Inputs the fused op does not take, or gains nothing on, which torch takes as they are:
+    reduction "none", a 0-dim x or 1-D weight, a bias of another rank, non-float or mixed
+    target dtypes, sparse tensors, empty tensors, and a target that needs a gradient."""
+    tensors = (x, weight, target) if bias is None else (x, weight, bias, target)
+    return (reduction == "none" or x.dim() == 0 or weight.dim() != 2
+            or (bias is not None and bias.dim() != 1)
+            or not x.is_floating_point() or target.dtype != x.dtype
+            or any(t.layout != torch.strided for t in tensors)
+            or x.numel() == 0 or weight.numel() == 0 or target.requires_grad)
+
+
+def _checked_prediction_size(x: Tensor, weight: Tensor, bias: Tensor | None,
+                             target: Tensor) -> torch.Size | None:
+    """The prediction's size, after the checks that torch would fail with a RuntimeError, here
+    with the argument named; None if the target broadcasts the prediction to a larger shape."""
+    name = "linear_mse_loss"
+    if weight.shape[1] != x.shape[-1]:
+        raise RuntimeError(f"{name}: weight must have shape (out, {x.shape[-1]}) for x of shape "
+                           f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise RuntimeError(f"{name}: bias must have shape ({weight.shape[0]},) for weight of shape "
+                           f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    for label, t in (("weight", weight), ("bias", bias), ("target", target)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise RuntimeError(f"{name}: {label} is {t.dtype} on {t.device} but x is {x.dtype} "
+                               f"on {x.device}")
+    pred_size = torch.Size((*x.shape[:-1], weight.shape[0]))
+    try:
+        broadcast = torch.broadcast_shapes(pred_size, target.shape)
+    except RuntimeError:
+        raise RuntimeError(f"{name}: target of shape {tuple(target.shape)} does not broadcast "
+                           f"with the prediction's shape {tuple(pred_size)}") from None
+    return pred_size if broadcast == pred_size else None
+
+
 def linear_mse_loss(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                     reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """``F.mse_loss(F.linear(x, weight, bias), target, reduction=reduction)``, fused.
 
     Same shapes (x (*, in), weight (out, in), target broadcastable like mse_loss's), same
-    warning, same result. Targets that broadcast the prediction to a larger shape, reduction
-    "none", and mixed dtypes take the stock path, since the fused one has nothing to gain there.
+    warning, same result, and the same exception types, with the argument named. Targets that
+    broadcast the prediction to a larger shape, reduction "none", a target of another dtype or
+    that needs a gradient, and the rarer inputs of _takes_stock_path take the stock path, since
+    the fused one has nothing to gain there.
     """
     if reduction not in (*_REDUCTIONS, "none"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    pred_size = torch.Size((*x.shape[:-1], weight.shape[0]))
-    if (reduction == "none" or x.dim() == 0 or target.dtype != x.dtype
-            or torch.broadcast_shapes(pred_size, target.shape) != pred_size):
+    if _takes_stock_path(x, weight, bias, target, reduction):
+        return torch.nn.functional.mse_loss(
+            torch.nn.functional.linear(x, weight, bias), target, reduction=reduction)
+    pred_size = _checked_prediction_size(x, weight, bias, target)
+    if pred_size is None:  # the target broadcasts the prediction to a larger shape
         return torch.nn.functional.mse_loss(
             torch.nn.functional.linear(x, weight, bias), target, reduction=reduction)
     _warn_target_size(pred_size, target)

@@ -63,19 +63,48 @@ class MultiTensorOptimizer(Optimizer):
             for index, group in enumerate(self.param_groups):
                 self._check_state(index, group)
             self._state_needs_check = False
-        for group, params in zip(self.param_groups, updates):
+        # A group whose plan is rebuilt (first step, or another set of params with a gradient) has
+        # its params checked here, for all groups at once: the op checks only its own call, and
+        # an earlier group's call would already have run. Cached plans skip it, as it costs as
+        # much as the step for small tensors.
+        keys = [self._plan_key(group, params) if params else None
+                for group, params in zip(self.param_groups, updates)]
+        for index, (group, params, key) in enumerate(zip(self.param_groups, updates, keys)):
+            if params and not self._plan_is_cached(group, key):
+                _check_params_with_grad(name, index, group)
+        for group, params, key in zip(self.param_groups, updates, keys):
             if params:
-                self._run_plan(group, self._plan(group, params))
+                self._run_plan(group, self._plan(group, params, key))
         return loss
 
-    def _plan(self, group: dict, params: list[Tensor]):
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's add_param_group; a param listed twice in the group is refused (torch
+        warns that it will be): the fused kernels would update it twice at once, racing."""
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        first_index = {}
+        for index, p in enumerate(params):
+            if id(p) in first_index:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"fusedtrain.optim.{type(self).__name__}: param {index} of param group "
+                    f"{len(self.param_groups)} is param {first_index[id(p)]} again; list each "
+                    "param once"
+                )
+            first_index[id(p)] = index
+
+    def _plan_key(self, group: dict, params: list[Tensor]) -> tuple:
         # Params are compared by identity: Tensor.__eq__ is elementwise.
-        key = (tuple(map(id, params)), self._plan_flags(group))
+        return (tuple(map(id, params)), self._plan_flags(group))
+
+    def _plan_is_cached(self, group: dict, key: tuple) -> bool:
         cached = self._plans.get(id(group))
-        if cached is None or cached[0] != key:
-            cached = (key, self._make_plan(group, params))
-            self._plans[id(group)] = cached
-        return cached[1]
+        return cached is not None and cached[0] == key
+
+    def _plan(self, group: dict, params: list[Tensor], key: tuple):
+        if not self._plan_is_cached(group, key):
+            self._plans[id(group)] = (key, self._make_plan(group, params))
+        return self._plans[id(group)][1]
 
     def _kernel(self, name: str, device: torch.device) -> Callable[..., None]:
         """The op `name` of this optimizer's backend on `device`, taking DTensor params (FSDP2,
@@ -100,3 +129,25 @@ class MultiTensorOptimizer(Optimizer):
 
     def _run_plan(self, group: dict, plan) -> None:
         raise NotImplementedError
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_params_with_grad(optimizer: str, group_index: int, group: dict) -> None:
+    """What the optimizer ops refuse, named as the user knows the param. RuntimeError, as
+    torch.optim raises for a gradient that does not fit its param."""
+    for index, p in enumerate(group["params"]):
+        grad = p.grad
+        if grad is None:
+            continue
+        where = f"{optimizer}: param {index} of param group {group_index}"
+        if p.dtype not in _KERNEL_DTYPES:
+            raise RuntimeError(f"{where} has dtype {p.dtype}; the fused kernels take float32, "
+                               "float64, bfloat16 and float16 params")
+        if grad.shape != p.shape:
+            raise RuntimeError(f"{where} has shape {tuple(p.shape)} but its grad has shape "
+                               f"{tuple(grad.shape)}")
+        if grad.dtype != p.dtype or grad.device != p.device:
+            raise RuntimeError(f"{where} is {p.dtype} on {p.device} but its grad is {grad.dtype} "
+                               f"on {grad.device}")
