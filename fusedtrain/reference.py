@@ -149,7 +149,7 @@ def linear_mse_fwd_bwd(
     r = pred - target
     count = r.numel() if reduction == MEAN else 1
     loss = (r * r).sum() / count
-    g = r * (2.0 / count)
+    g = r * 2.0 / count  # a tensor division: an empty batch gives NaN and empty gradients, as torch
     grad_weight = g.T @ x if need_grad_params else x.new_empty(0)
     grad_bias = g.sum(0) if need_grad_params and bias is not None else x.new_empty(0)
     grad_x = g @ weight if need_grad_x else x.new_empty(0)

@@ -110,7 +110,12 @@ class _LinearMSETraining:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != weight.shape[1]:
             raise ValueError(f"{self.caller}: {name}x must have shape (N, {weight.shape[1]}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.layout != torch.strided:  # nn.Linear takes a sparse input as its dense value
+            x = x.to_dense()
         for label, t in ((f"{name}x", x), (f"{name}y", y)):
+            if not isinstance(t, Tensor) or t.layout != torch.strided:
+                raise TypeError(f"{self.caller}: {label} must be a dense tensor, got "
+                                f"{t.layout if isinstance(t, Tensor) else type(t).__name__}")
             if t.dtype != weight.dtype or t.device != weight.device:
                 raise TypeError(f"{self.caller}: {label} is {t.dtype} on {t.device} but the model is "
                                 f"{weight.dtype} on {weight.device}")

@@ -431,8 +431,7 @@ CASES = [
     Case("Adam-int-step-of-an-old-checkpoint",
          optimizer_steps("Adam", two_groups(lambda: grads_set(make_params(torch.float32, seed=21, shapes=[(3,)]))),
                          setup=load_modified_state(replace_state(2, "step", 2))),
-         TORCH, marks=(pytest.mark.xfail(strict=True, reason="Adam.__setstate__ does not turn an int 'step' "
-                                         "(torch < 1.12 checkpoints) into a tensor as torch.optim.Adam's does"),)),
+         TORCH),
     Case("SGD-state_dict-with-fewer-groups",
          optimizer_call("SGD", lambda opt, params: opt.load_state_dict(
              {"state": {}, "param_groups": opt.state_dict()["param_groups"][:1]})),
@@ -511,9 +510,7 @@ CASES = [
          Raises(ValueError, r"x must have shape \(N, 3\), got \(2, 4, 3\)", torch_raises_too=False)),
     Case("step-float16-model", step_call(step_data(dtype=torch.float16), dtype=torch.float16),
          Raises(TypeError, "the model must be float32 or float64", torch_raises_too=False)),
-    Case("step-sparse-x", step_call(step_data(x=lambda x: x.to_sparse())), TORCH,
-         marks=(pytest.mark.xfail(strict=True, reason="FusedTrainStep calls .contiguous() on a sparse x: "
-                                  "'unsupported memory format option Contiguous'"),)),
+    Case("step-sparse-x", step_call(step_data(x=lambda x: x.to_sparse())), TORCH),
     Case("step-empty-batch", step_call(step_data(n=0)), TORCH,
          marks=(pytest.mark.xfail(strict=True, reason="the native loop runs no step for an empty batch, where "
                                   "the stock loop steps with zero gradients (Adam still moves by its moments)"),)),

@@ -196,9 +196,6 @@ def test_linear_mse_op_agrees_with_the_reference(n, inp, out, has_bias, reductio
 
 
 @pytest.mark.skipif(not fusedtrain._extension.native_available(), reason="native extension not built")
-@pytest.mark.xfail(strict=True, reason="found by the property above: with no in-features the CPU kernel's "
-                   "row path leaves grad_bias uninitialised (its GEMM path, for larger out, is right); "
-                   "linear_mse_loss sends empty inputs to the stock path meanwhile")
 @pytest.mark.parametrize("out", [1, 2])
 def test_linear_mse_op_without_in_features(out):
     g = torch.Generator().manual_seed(0)

@@ -251,3 +251,14 @@ def test_reference_train_step_matches_the_op(update, has_bias):
             (ref_loss := loss) if run is reference.linear_mse_train_step_ else torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(op_params, ref_params)
     torch.testing.assert_close(op_state, ref_state)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_empty_batch_matches_stock_in_op_and_reference(reduction):
+    x, target = torch.randn(0, 3), torch.randn(0, 2)
+    weight, bias = torch.randn(2, 3), torch.randn(2)
+    want = stock(x, weight, bias, target, reduction)
+    code = reference.MEAN if reduction == "mean" else reference.SUM
+    for run in (torch.ops.fusedtrain.linear_mse_fwd_bwd, reference.linear_mse_fwd_bwd):
+        got = run(x, weight, bias, target, code, True)
+        torch.testing.assert_close(got, want, equal_nan=True, check_dtype=False)

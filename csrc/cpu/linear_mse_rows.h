@@ -68,7 +68,8 @@ template <typename T>
 double fused_linear_mse_rows(const T* x, const T* weight, const T* bias, const T* target,
                              int64_t n, int64_t in, int64_t out, T two_over_count,
                              T* grad_weight, T* grad_bias, T* grad_x, std::vector<T>& workspace) {
-  const bool need_params = grad_weight != nullptr;
+  // With no in-features grad_weight is empty and its pointer null, but grad_bias is still wanted.
+  const bool need_params = grad_weight != nullptr || grad_bias != nullptr;
   const LinearMseRows<T> args{x, weight, bias, target, in, out, two_over_count, need_params, grad_x};
   // accumulator layout: grad_weight (out x in), then grad_bias (out)
   const int64_t width = need_params ? out * in + out : 0;

@@ -84,6 +84,11 @@ class Adam(MultiTensorOptimizer):
                                  ("capturable", False), ("differentiable", False),
                                  ("fused", None), ("decoupled_weight_decay", False)):
                 group.setdefault(key, default)
+        for p, param_state in self.state.items():
+            step = param_state.get("step")
+            if step is not None and not torch.is_tensor(step):  # torch < 1.12 kept a Python number
+                param_state["step"] = torch.tensor(float(step), dtype=_common.step_dtype(),
+                                                   device=None if p.device.type == "cpu" else p.device)
 
     def _check_graph_capture(self) -> None:
         # torch.optim.Adam's rule: capturing a step needs capturable=True. Only a process that
