@@ -209,7 +209,7 @@ class _LinearMSETraining:
             state, new_buffers, first_step = self.state(device)
             result = self._run_steps(step_op, loss_op, x, y, epochs, batch_size, generator, val,
                                      state, first_step)
-        if epochs > 0 and x.shape[0] > 0:  # else no step filled the new buffers
+        if epochs > 0:  # else no step filled the new buffers
             for p, b in zip(self.params, new_buffers):
                 self.optimizer.state[p]["momentum_buffer"] = b
         # What the LR schedulers' wrapper of optimizer.step() records, so that they do not warn
@@ -222,19 +222,19 @@ class _LinearMSETraining:
         """The native loop's epochs in Python, one step_op call per batch; on a GPU a few kernel
         launches each and no host synchronisation, the losses staying on the device."""
         n = x.shape[0]
-        batch = batch_size or max(n, 1)  # the whole set: one batch, or none of no rows
+        batch = batch_size or max(n, 1)  # the whole set: one batch
         weight, bias = self.model.weight.detach(), (self.model.bias.detach() if self.model.bias is not None else None)
         train, valid = [], []
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
             losses = []
-            for start in range(0, n, batch):
+            for start in range(0, max(n, 1), batch):  # no rows: one empty batch, as the stock loop
                 rows = slice(start, start + batch) if order is None else order[start:start + batch]
                 losses.append(step_op(x[rows], y[rows], weight, bias, reference.MEAN, state,
                                       *self.update, first_step))
                 first_step = False
-            # The mean of the batch losses in double, as the native loop takes it (NaN for no batch).
-            train.append((torch.stack(losses) if losses else x.new_empty(0)).mean(dtype=torch.float64))
+            # The mean of the batch losses in double, as the native loop takes it.
+            train.append(torch.stack(losses).mean(dtype=torch.float64))
             if val:
                 valid.append(loss_op(val[0], weight, bias, val[1], reference.MEAN, False, False)[0])
         empty = x.new_empty(0)

@@ -387,3 +387,22 @@ def test_without_the_extension_fit_runs_on_the_reference_backend():
     lines = result.stdout.splitlines()
     assert lines[0] == "True"
     assert lines[1].startswith("fit: backend='native' cannot run on cpu: the compiled extension")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_fit_on_an_empty_set_steps_once_per_epoch_like_the_stock_loop(backend):
+    # The stock loop's order.split(len(X)) of no rows is one empty batch: a step on zero gradients.
+    _, _, stock_model = make_problem(4, 3, 2, seed=9)
+    fused_model = copy.deepcopy(stock_model)
+    stock_opt = torch.optim.Adam(stock_model.parameters(), lr=0.1)
+    fused_opt = fusedtrain.optim.Adam(fused_model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    stock_step(stock_model, stock_opt, x, y)  # moments to move by
+    fusedtrain.FusedTrainStep(fused_model, fused_opt, backend=backend)(x, y)
+    empty_x, empty_y = torch.randn(0, 3), torch.randn(0, 2)
+    for _ in range(2):
+        stock_step(stock_model, stock_opt, empty_x, empty_y)
+    history = fusedtrain.fit(fused_model, fused_opt, empty_x, empty_y, epochs=2, backend=backend)
+    assert history.train_loss.isnan().all()
+    torch.testing.assert_close(list(fused_model.parameters()), list(stock_model.parameters()))
+    assert fused_opt.state_dict()["state"][0]["step"] == stock_opt.state_dict()["state"][0]["step"] == 3

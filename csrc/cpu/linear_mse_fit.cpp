@@ -188,7 +188,10 @@ std::tuple<at::Tensor, at::Tensor> fit(const at::Tensor& x, const at::Tensor& ta
     at::Tensor order = generator.has_value() ? at::randperm(n, *generator, at::kLong) : at::Tensor();
     double loss_total = 0.0;
     int64_t batches = 0;
-    for (int64_t first = 0; first < n; first += batch, ++batches) {
+    // do-while: an empty set is one empty batch, as the stock loop's order.split(...) gives, and
+    // so one step on zero gradients (Adam still moves by its moments).
+    int64_t first = 0;
+    do {
       const int64_t rows = std::min(batch, n - first);
       if (!order.defined()) {
         loss_total += rows == n ? trainer.train(x, target)
@@ -199,7 +202,9 @@ std::tuple<at::Tensor, at::Tensor> fit(const at::Tensor& x, const at::Tensor& ta
         batch_target = at::index_select(target, 0, index);
         loss_total += trainer.train(batch_x, batch_target);
       }
-    }
+      first += batch;
+      ++batches;
+    } while (first < n);
     train_losses.data_ptr<T>()[epoch] = static_cast<T>(loss_total / static_cast<double>(batches));
     if (val_x.has_value()) {
       val_losses.data_ptr<T>()[epoch] = static_cast<T>(trainer.evaluate(*val_x, *val_target));
