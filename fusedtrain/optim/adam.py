@@ -87,8 +87,7 @@ class Adam(MultiTensorOptimizer):
         for p, param_state in self.state.items():
             step = param_state.get("step")
             if step is not None and not torch.is_tensor(step):  # torch < 1.12 kept a Python number
-                param_state["step"] = torch.tensor(float(step), dtype=_common.step_dtype(),
-                                                   device=None if p.device.type == "cpu" else p.device)
+                param_state["step"] = torch.tensor(float(step), dtype=_common.step_dtype())
 
     def _check_graph_capture(self) -> None:
         # torch.optim.Adam's rule: capturing a step needs capturable=True. Only a process that
@@ -111,7 +110,7 @@ class Adam(MultiTensorOptimizer):
         amsgrad = group["amsgrad"]
         states = [self._init_state(p, amsgrad) for p in params]
         for p, state in zip(params, states):
-            if state["step"].device != p.device:  # e.g. torch.optim's CPU step, loaded for a GPU param:
+            if p.is_cuda and state["step"].device != p.device:  # e.g. torch.optim's CPU step, loaded
                 state["step"] = state["step"].to(p.device, torch.float32)  # the kernel reads it there
         buckets = []
         for device, indices in _common.group_by_device(params).items():
@@ -131,8 +130,8 @@ class Adam(MultiTensorOptimizer):
         if not state:
             # torch.optim.Adam's state, key for key and dtype for dtype, so state_dicts move both ways.
             # On a GPU the step counter lives on the device, as in torch's fused Adam.
-            state["step"] = torch.tensor(0.0, dtype=_common.step_dtype() if p.device.type == "cpu"
-                                         else torch.float32, device=p.device)
+            state["step"] = (torch.tensor(0.0, dtype=torch.float32, device=p.device) if p.is_cuda
+                             else torch.tensor(0.0, dtype=_common.step_dtype()))
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
