@@ -6,8 +6,9 @@ the tutorials write. fused: fusedtrain.optim in the same loop, or fusedtrain.fit
 where the model is one nn.Linear with an MSE loss. After a warm-up of each, stock and fused runs
 alternate in this process and the table shows their medians; speedup = stock / fused. Both start
 from the same params and data, and "max abs diff" is the largest difference between their final
-params. --quick takes about a minute on 2 cores, the full run a few; --smoke runs every workload
-once at toy sizes, to check that everything runs and agrees (its times mean nothing).
+params. On 2 cores --quick takes under 30 s (a minute when other work shares them), the full run
+about twice as long; --smoke runs every workload once at toy sizes, to check that everything
+runs and agrees (its times mean nothing).
 """
 
 from __future__ import annotations
@@ -324,7 +325,7 @@ def plot(results: list[Result], path: str, title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help="fewer repeats and sizes: about a minute on 2 cores")
+                      help="fewer repeats and sizes: under 30 s on 2 idle cores")
     size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
                       help="every workload once at toy sizes: checks that all runs and agrees, times mean nothing")
     parser.set_defaults(size="full")
