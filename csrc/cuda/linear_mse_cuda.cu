@@ -28,7 +28,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include "../cpu/linear_mse_fit.h"
@@ -37,6 +36,7 @@
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/linear_mse_math.h"
 #include "fusedtrain/sgd_math.h"
+#include "launch.cuh"
 #include "optim_cuda.h"
 
 namespace fusedtrain {
@@ -50,27 +50,8 @@ constexpr int kRows = 32;           // rows per block iteration
 constexpr int kMaxBlocks = 256;     // partial gradients to reduce at the end
 constexpr int64_t kLargeOutBlockElements = int64_t{1} << 22;
 
-c10::Stream current_stream(at::Device device) {
-  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
-}
 
-cudaStream_t native(const c10::Stream& stream) {
-  return static_cast<cudaStream_t>(stream.native_handle());
-}
 
-void check_launch() {
-  const cudaError_t error = cudaGetLastError();
-  TORCH_CHECK(error == cudaSuccess, "fusedtrain CUDA kernel launch failed: ", cudaGetErrorString(error));
-}
-
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 template <typename T>
 __device__ T warp_sum(T v) {

@@ -14,13 +14,13 @@
 #include <cuda_runtime.h>
 
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include "../multi_tensor_checks.h"
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/dtype_convert.h"
 #include "fusedtrain/sgd_math.h"
+#include "launch.cuh"
 #include "multi_tensor_apply.cuh"
 #include "optim_cuda.h"
 
@@ -225,14 +225,6 @@ sgd_kernel(SgdTable<kMomentum> table, SgdArgs a) {
   });
 }
 
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 template <typename F>
 void with_format(at::ScalarType dtype, F&& f) {
@@ -272,18 +264,6 @@ std::vector<std::pair<at::ScalarType, std::vector<size_t>>> by_dtype(at::TensorL
   return groups;
 }
 
-// The current stream and launch errors through c10's device-generic interfaces: the CUDA
-// kernels then build against the headers of any torch wheel, CPU-only ones included, which is
-// how CI compiles them without a GPU toolkit beyond nvcc.
-cudaStream_t current_stream(at::Device device) {
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
-  return static_cast<cudaStream_t>(stream.native_handle());
-}
-
-void check_launch() {
-  const cudaError_t error = cudaGetLastError();
-  TORCH_CHECK(error == cudaSuccess, "fusedtrain CUDA kernel launch failed: ", cudaGetErrorString(error));
-}
 
 // lr_tensor (checked with the other arguments) replaces lr when given.
 LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor) {
@@ -320,7 +300,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                       decoupled, maximize, optional_float_ptr(grad_scale),
                       optional_float_ptr(found_inf)};
   const c10::DeviceGuard guard(device);
-  const cudaStream_t stream = current_stream(device);
+  const cudaStream_t stream = native(current_stream(device));
   with_flag(amsgrad, [&](auto ams) {
     constexpr bool kAmsgrad = decltype(ams)::value;
     constexpr int kStreams = kAmsgrad ? 5 : 4;
@@ -377,7 +357,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const SgdArgs args{learning_rate(lr, lr_tensor), momentum, dampening, weight_decay,
                      maximize, optional_float_ptr(grad_scale), optional_float_ptr(found_inf)};
   const c10::DeviceGuard guard(device);
-  const cudaStream_t stream = current_stream(device);
+  const cudaStream_t stream = native(current_stream(device));
   with_flag(has_momentum, [&](auto with_momentum) {
     constexpr bool kMomentum = decltype(with_momentum)::value;
     constexpr int kStreams = kMomentum ? 3 : 2;
