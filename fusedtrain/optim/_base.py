@@ -67,14 +67,25 @@ class MultiTensorOptimizer(Optimizer):
         # its params checked here, for all groups at once: the op checks only its own call, and
         # an earlier group's call would already have run. Cached plans skip it, as it costs as
         # much as the step for small tensors.
-        keys = [self._plan_key(group, params) if params else None
-                for group, params in zip(self.param_groups, updates)]
-        for index, (group, params, key) in enumerate(zip(self.param_groups, updates, keys)):
-            if params and not self._plan_is_cached(group, key):
+        plans = []  # per group: (key, cached plan or None), or None without params to update
+        for index, (group, params) in enumerate(zip(self.param_groups, updates)):
+            if not params:
+                plans.append(None)
+                continue
+            key = self._plan_key(group, params)
+            cached = self._plans.get(id(group))
+            if cached is None or cached[0] != key:
                 _check_params_with_grad(name, index, group)
-        for group, params, key in zip(self.param_groups, updates, keys):
-            if params:
-                self._run_plan(group, self._plan(group, params, key))
+                _dtensor.check_grads(name, params)
+                cached = None
+            plans.append((key, cached))
+        for group, params, planned in zip(self.param_groups, updates, plans):
+            if planned is None:
+                continue
+            key, cached = planned
+            if cached is None:
+                cached = self._plans[id(group)] = (key, self._make_plan(group, params))
+            self._run_plan(group, cached[1])
         return loss
 
     def add_param_group(self, param_group: dict) -> None:
@@ -96,15 +107,6 @@ class MultiTensorOptimizer(Optimizer):
     def _plan_key(self, group: dict, params: list[Tensor]) -> tuple:
         # Params are compared by identity: Tensor.__eq__ is elementwise.
         return (tuple(map(id, params)), self._plan_flags(group))
-
-    def _plan_is_cached(self, group: dict, key: tuple) -> bool:
-        cached = self._plans.get(id(group))
-        return cached is not None and cached[0] == key
-
-    def _plan(self, group: dict, params: list[Tensor], key: tuple):
-        if not self._plan_is_cached(group, key):
-            self._plans[id(group)] = (key, self._make_plan(group, params))
-        return self._plans[id(group)][1]
 
     def _kernel(self, name: str, device: torch.device) -> Callable[..., None]:
         """The op `name` of this optimizer's backend on `device`, taking DTensor params (FSDP2,

@@ -52,7 +52,6 @@ def params_with_grad(optimizer: str, group: dict) -> list[Tensor]:
                 f"{optimizer} does not support sparse gradients"
                 + (", please consider SparseAdam instead" if optimizer.startswith("Adam") else "")
             )
-    _dtensor.check_grads(optimizer, params)
     return params
 
 

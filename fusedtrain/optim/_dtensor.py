@@ -16,13 +16,19 @@ def _dtensor_class() -> type | None:
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+def _any_dtensor(tensors, dtensor: type) -> bool:
+    """Whether any of `tensors` is a DTensor, at C speed over the list: steps over many small
+    tensors pay for every Python-level test per tensor."""
+    return any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
+
+
 def _layout(t: Tensor, dtensor: type) -> str:
     return f"a DTensor placed as {t.placements} on {t.device_mesh}" if isinstance(t, dtensor) else "not a DTensor"
 
 
 def check_grads(optimizer: str, params: list[Tensor]) -> None:
     """A DTensor param needs a DTensor gradient (placed as it or not: it is redistributed), a plain
-    param a plain one; checked before the step mutates anything."""
+    param a plain one; checked when a group's plan is built, before the step mutates anything."""
     dtensor = _dtensor_class()
     if dtensor is None:
         return
@@ -58,7 +64,7 @@ def on_local_shards(kernel: Callable[..., None]) -> Callable[..., None]:
         return t.to_local() if isinstance(t, dtensor) else t
 
     def call(params: list[Tensor], grads: list[Tensor], *rest):
-        if not any(isinstance(p, dtensor) for p in params):
+        if not _any_dtensor(params, dtensor):  # their gradients are plain: see check_grads
             return kernel(params, grads, *rest)
         # A gradient placed otherwise than its param (a Partial gradient of a replicated param
         # under tensor parallelism) is first brought to the param's placements, as torch.optim's
