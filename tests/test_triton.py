@@ -16,10 +16,7 @@ import torch
 
 from helpers import run_triton_checks
 
-try:
-    import triton  # noqa: F401
-except ImportError as e:  # not installed, or installed but broken
-    pytest.skip(f"triton is not importable: {e}", allow_module_level=True)
+pytest.importorskip("triton")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}

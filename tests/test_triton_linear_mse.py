@@ -18,10 +18,7 @@ import torch
 
 from helpers import run_triton_checks
 
-try:
-    import triton  # noqa: F401
-except ImportError as e:  # not installed, or installed but broken
-    pytest.skip(f"triton is not importable: {e}", allow_module_level=True)
+pytest.importorskip("triton")
 
 
 def _run_checks(*args: str, device: str = "cpu") -> None:

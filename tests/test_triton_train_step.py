@@ -21,10 +21,7 @@ import torch
 import fusedtrain
 from helpers import run_triton_checks
 
-try:
-    import triton  # noqa: F401
-except ImportError as e:  # not installed, or installed but broken
-    pytest.skip(f"triton is not importable: {e}", allow_module_level=True)
+pytest.importorskip("triton")
 
 pytestmark = pytest.mark.skipif(not fusedtrain._extension.native_available(),
                                 reason="native extension not built: it is the oracle")

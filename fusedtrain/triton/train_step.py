@@ -8,9 +8,10 @@ tensors, ordered as in csrc/cpu/linear_mse_fit.h: for Adam exp_avgs, exp_avg_sqs
 max_exp_avg_sqs (amsgrad only) and steps, one of each per param; for SGD with momentum the
 momentum buffers; nothing for SGD without. It returns the loss before the update.
 
-Composed rather than fused: the native CUDA op also runs its forward/backward and its optimizer
-kernel as separate launches, and the gradients (out * (in + 1) values) are small next to x. The
-argument checks all run before the first kernel, so a refused call changes nothing.
+Composed rather than fused into one kernel (as the native CUDA op is for small out): the
+gradients (out * (in + 1) values) are small next to x, so the optimizer launch costs little next
+to the pass over x. The argument checks all run before the first kernel, so a refused call
+changes nothing.
 """
 
 from __future__ import annotations
@@ -18,30 +19,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedtrain.reference import split_train_step_state
 from fusedtrain.triton.linear_mse import linear_mse_fwd_bwd
 from fusedtrain.triton.optim import adam_step_, sgd_step_
 
 _OP = "linear_mse_train_step_"
 
 
-def _check_state(state: list[Tensor], n_params: int, adam: bool, amsgrad: bool,
-                 momentum: float) -> None:
-    """The length of `state` and its step counts; adam_step_ and sgd_step_ check the rest (shapes,
-    dtypes, devices) before they write anything."""
-    expected = ((4 if amsgrad else 3) * n_params if adam
-                else (n_params if momentum != 0 else 0))
-    if len(state) != expected:
-        raise ValueError(f"{_OP}: state has {len(state)} tensors, expected {expected}")
-    if adam:
-        first = (3 if amsgrad else 2) * n_params
-        for i in range(first, expected):
-            step = state[i]
-            if step.numel() != 1:
-                raise ValueError(f"{_OP}: state[{i}] (a step count) must have one element, got "
-                                 f"shape {tuple(step.shape)}")
-            if step.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{_OP}: state[{i}] (a step count) must be float32 or float64, "
-                                f"got {step.dtype}")
+def _check_steps(steps: list[Tensor], first: int) -> None:
+    """Adam's step counts, state[first:]; adam_step_ and sgd_step_ check the rest (shapes, dtypes,
+    devices) before they write anything, but read the step counts on the host first."""
+    for i, step in enumerate(steps, start=first):
+        if step.numel() != 1:
+            raise ValueError(f"{_OP}: state[{i}] (a step count) must have one element, got "
+                             f"shape {tuple(step.shape)}")
+        if step.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{_OP}: state[{i}] (a step count) must be float32 or float64, "
+                            f"got {step.dtype}")
 
 
 def linear_mse_train_step_(
@@ -69,18 +63,17 @@ def linear_mse_train_step_(
     before the update (0-dim, x's dtype). ``first_step``: SGD's momentum buffers are new and start
     as the first gradient."""
     params = [weight] if bias is None else [weight, bias]
-    n = len(params)
-    _check_state(state, n, adam, amsgrad, momentum)
+    lists = split_train_step_state(state, len(params), adam, amsgrad, momentum)
+    if adam:
+        _check_steps(lists[-1], len(state) - len(params))
     with torch.no_grad():  # weight and bias are written in place, outside autograd, as natively
         loss, grad_weight, grad_bias, _ = linear_mse_fwd_bwd(x, weight, bias, target, reduction,
                                                              False)
         grads = [grad_weight] if bias is None else [grad_weight, grad_bias]
         if adam:
-            steps_at = (3 if amsgrad else 2) * n
-            adam_step_(params, grads, state[:n], state[n:2 * n], state[2 * n:steps_at],
-                       state[steps_at:], lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                       maximize)
+            adam_step_(params, grads, *lists, lr, beta1, beta2, eps, weight_decay, decoupled,
+                       amsgrad, maximize)
         else:
-            sgd_step_(params, grads, state, lr, momentum, dampening, weight_decay, nesterov,
+            sgd_step_(params, grads, *lists, lr, momentum, dampening, weight_decay, nesterov,
                       maximize, first_step)
     return loss
