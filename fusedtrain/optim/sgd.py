@@ -109,7 +109,9 @@ class SGD(MultiTensorOptimizer):
             self._forget_plan(group)
 
     def _call(self, group: dict, bucket: SgdBucket, first_step: bool) -> bool:
-        """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped the step."""
+        """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped a first step. Only
+        a first step reads found_inf on the host (whether its new buffers are kept), so a step of
+        existing buffers never waits for the device."""
         grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
         lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
         self._kernel("sgd_step_", bucket.device)(
@@ -127,7 +129,7 @@ class SGD(MultiTensorOptimizer):
             found_inf,
             lr_tensor,
         )
-        return found_inf is None or not bool(found_inf.item() != 0)
+        return not first_step or found_inf is None or not bool(found_inf.item() != 0)
 
 
 def _buckets(params: list[Tensor], buffers: list[Tensor] | None) -> list[SgdBucket]:
