@@ -10,6 +10,12 @@
 #include "cpu/linear_mse_fit.h"
 #include "cpu/optim_cpu.h"
 
+namespace fusedtrain {
+// The digest of the csrc/ this build compiled, defined in a file that the build generates
+// (fusedtrain/_sources.py).
+extern const char kSourceDigest[];
+}  // namespace fusedtrain
+
 TORCH_LIBRARY(fusedtrain, m) {
   // Adam / AdamW over lists of tensors, in place: increments each steps[i], then updates
   // params, exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when amsgrad). With grad_scale, grads are
@@ -123,6 +129,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build compiled the CUDA kernels.");
+  m.def("source_digest", [] { return std::string(fusedtrain::kSourceDigest); },
+        "SHA-256 of the C++/CUDA sources this extension was built from (fusedtrain/_sources.py).");
   m.def("cpu_isa", [] { return std::string(fusedtrain::cpu::active_kernels().name); },
         "The instruction set the CPU kernels run.");
   m.def("supported_cpu_isas", &fusedtrain::cpu::supported_isas,

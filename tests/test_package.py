@@ -2,10 +2,12 @@
 life without the compiled extension."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +127,62 @@ def test_backend_environment_variable():
     bad = run_python("-c", "import torch, fusedtrain._dispatch as d; d.resolve('auto', torch.device('cpu'))",
                      env={**os.environ, "FUSEDTRAIN_BACKEND": "gpu-magic"})
     assert "FUSEDTRAIN_BACKEND must be one of" in bad.stderr
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE_CHECK = ("import fusedtrain, os; from fusedtrain import _extension as e; "
+                "print(os.path.dirname(fusedtrain.__file__), e.native_available())")
+
+
+def test_repo_root_runs_the_native_kernels():
+    """From the repository root `import fusedtrain` finds the source package first; it must still
+    run the native kernels (its own in-place build, or the installed one built from these
+    sources), as `python -m fusedtrain` and `python -m pytest` from there do."""
+    if not fusedtrain._extension.native_available():
+        pytest.skip("native extension not built")
+    result = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [os.path.join(ROOT, "fusedtrain"), "True"], result.stderr
+    info = subprocess.run([sys.executable, "-m", "fusedtrain", "info"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert "native extension: built" in info.stdout, info.stdout + info.stderr
+
+
+def test_a_checkout_uses_the_installed_build_of_its_own_sources_only(tmp_path):
+    """A checkout without a build of its own (a copy of the package and csrc/) loads the _C of an
+    installed fusedtrain (here a copy in a directory on PYTHONPATH) when it was built from the same
+    sources, and otherwise warns with the command that rebuilds it and runs the reference."""
+    if not fusedtrain._extension.native_available():
+        pytest.skip("native extension not built")
+    from fusedtrain._sources import source_digest
+
+    c = fusedtrain._extension._C
+    assert c.source_digest() == source_digest(Path(ROOT) / "csrc"), (
+        "the loaded fusedtrain._C was built from other sources than this checkout's csrc/: rebuild it "
+        "(python setup.py build_ext --inplace, or pip install --no-build-isolation .)")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(ROOT) / "csrc", checkout / "csrc")
+    shutil.copytree(Path(fusedtrain.__file__).parent, checkout / "fusedtrain",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    installed = tmp_path / "site" / "fusedtrain"
+    installed.mkdir(parents=True)
+
+    def run_in_checkout():
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+        return subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True,
+                              timeout=120, cwd=checkout, env=env)
+
+    no_build = run_in_checkout()
+    assert no_build.stdout.split() == [str(checkout / "fusedtrain"), "False"], no_build.stderr
+    assert "has no build" in no_build.stderr and "pip install --no-build-isolation ." in no_build.stderr
+
+    shutil.copy(c.__file__, installed)
+    same_sources = run_in_checkout()
+    assert same_sources.stdout.split() == [str(checkout / "fusedtrain"), "True"], same_sources.stderr
+
+    with open(checkout / "csrc" / "ops.cpp", "a") as source:
+        source.write("// edited after the build\n")
+    edited = run_in_checkout()
+    assert edited.stdout.split() == [str(checkout / "fusedtrain"), "False"], edited.stderr
+    assert "built from other C++ sources" in edited.stderr and "build_ext --inplace" in edited.stderr
