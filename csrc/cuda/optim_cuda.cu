@@ -81,10 +81,18 @@ __device__ __forceinline__ Chunk<S, kStreams> block_chunk(const ChunkTable<kStre
   return c;
 }
 
-// Runs element(values) over the chunk, where values[s] is the loaded element of stream s; the
-// functor writes back into the array, which is then stored. 16-byte loads when every stream of
-// the chunk is 16-byte aligned (a view with a storage offset may not be).
-template <typename Fmt, int kStreams, typename Element>
+// Which streams of a chunk a kernel loads and which it stores: bit s stands for stream s.
+constexpr uint32_t stream_bit(int s) { return 1u << s; }
+template <int kStreams>
+constexpr uint32_t kAllStreams = (1u << kStreams) - 1u;
+
+// Runs element(values) over the chunk, where values[s] is the loaded element of stream s (0 for
+// a stream not in kLoaded); the functor writes back into the array, and the streams in kStored
+// are stored. A stream is stored only where the kernel writes it: every store costs bandwidth,
+// and storing back what was loaded is not a no-op for 16-bit NaNs, whose payload the conversion
+// through fp32 does not keep. 16-byte loads when every stream of the chunk is 16-byte aligned (a
+// view with a storage offset may not be).
+template <typename Fmt, int kStreams, uint32_t kLoaded, uint32_t kStored, typename Element>
 __device__ __forceinline__ void for_chunk(const Chunk<typename Fmt::storage_t, kStreams>& c,
                                           const Element& element) {
   using S = typename Fmt::storage_t;
@@ -92,9 +100,11 @@ __device__ __forceinline__ void for_chunk(const Chunk<typename Fmt::storage_t, k
   constexpr int kVec = Pack<S>::kSize;
   auto one_element = [&](int64_t j) {
     T v[kStreams];
-    for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(c.data[s][j]);
+    for (int s = 0; s < kStreams; ++s) v[s] = (kLoaded & stream_bit(s)) ? Fmt::load(c.data[s][j]) : T(0);
     element(v);
-    for (int s = 0; s < kStreams; ++s) c.data[s][j] = Fmt::store(v[s]);
+    for (int s = 0; s < kStreams; ++s) {
+      if (kStored & stream_bit(s)) c.data[s][j] = Fmt::store(v[s]);
+    }
   };
   bool aligned = true;
   for (int s = 0; s < kStreams; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(c.data[s]) % 16 == 0;
@@ -103,14 +113,18 @@ __device__ __forceinline__ void for_chunk(const Chunk<typename Fmt::storage_t, k
          i += static_cast<int64_t>(blockDim.x) * kVec) {
       if (i + kVec <= c.size) {
         Pack<S> packs[kStreams];
-        for (int s = 0; s < kStreams; ++s) packs[s] = *reinterpret_cast<const Pack<S>*>(c.data[s] + i);
+        for (int s = 0; s < kStreams; ++s) {
+          if (kLoaded & stream_bit(s)) packs[s] = *reinterpret_cast<const Pack<S>*>(c.data[s] + i);
+        }
         for (int k = 0; k < kVec; ++k) {
           T v[kStreams];
-          for (int s = 0; s < kStreams; ++s) v[s] = Fmt::load(packs[s].v[k]);
+          for (int s = 0; s < kStreams; ++s) v[s] = (kLoaded & stream_bit(s)) ? Fmt::load(packs[s].v[k]) : T(0);
           element(v);
           for (int s = 0; s < kStreams; ++s) packs[s].v[k] = Fmt::store(v[s]);
         }
-        for (int s = 0; s < kStreams; ++s) *reinterpret_cast<Pack<S>*>(c.data[s] + i) = packs[s];
+        for (int s = 0; s < kStreams; ++s) {
+          if (kStored & stream_bit(s)) *reinterpret_cast<Pack<S>*>(c.data[s] + i) = packs[s];
+        }
       } else {
         for (int64_t j = i; j < c.size; ++j) one_element(j);
       }
@@ -149,29 +163,29 @@ static_assert(sizeof(AdamTable<true>) + sizeof(AdamArgs) <= kKernelParamBytes &&
                   sizeof(AdamTable<false>) + sizeof(AdamArgs) <= kKernelParamBytes,
               "adam_kernel's arguments exceed the kernel parameter limit");
 
-// The grad is stored back unscaled when a grad_scale is given, as torch's fused Adam does. The
-// step counters are read here and incremented by increment_steps after every update launch.
-template <typename Fmt, bool kAmsgrad, bool kCoupledDecay>
+// With kUnscale (a grad_scale is given) the grad is divided by it and stored back unscaled, as
+// torch's fused Adam does; otherwise the grad is only read. The step counters are read here and
+// incremented by increment_steps after every update launch.
+template <typename Fmt, bool kAmsgrad, bool kCoupledDecay, bool kUnscale>
 __global__ void __launch_bounds__(kThreads)
 adam_kernel(AdamTable<kAmsgrad> table, AdamArgs a) {
   using T = typename Fmt::compute_t;
   constexpr int kStreams = kAmsgrad ? 5 : 4;
+  constexpr uint32_t kStored = kUnscale ? kAllStreams<kStreams> : kAllStreams<kStreams> & ~stream_bit(1);
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
   const Chunk<typename Fmt::storage_t, kStreams> c =
       block_chunk<typename Fmt::storage_t>(table);
   const double step = static_cast<double>(*table.step[c.slot]) + 1.0;
   const math::AdamCoeffs<T> coeffs = math::make_adam_coeffs<T>(
       a.lr.read(), a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled, a.maximize, step);
-  const T scale = a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1);
-  const bool unscale = a.grad_scale != nullptr;
-  for_chunk<Fmt, kStreams>(c, [&](T* v) {
-    const T g = unscale ? v[1] / scale : v[1];
-    v[1] = g;
+  const T scale = kUnscale ? static_cast<T>(*a.grad_scale) : T(1);
+  for_chunk<Fmt, kStreams, kAllStreams<kStreams>, kStored>(c, [&](T* v) {
+    if constexpr (kUnscale) v[1] = v[1] / scale;
     if constexpr (kAmsgrad) {
-      math::adam_element<true, kCoupledDecay>(v[0], g, v[2], v[3], v[4], coeffs);
+      math::adam_element<true, kCoupledDecay>(v[0], v[1], v[2], v[3], v[4], coeffs);
     } else {
       T unused = T(0);
-      math::adam_element<false, kCoupledDecay>(v[0], g, v[2], v[3], unused, coeffs);
+      math::adam_element<false, kCoupledDecay>(v[0], v[1], v[2], v[3], unused, coeffs);
     }
   });
 }
@@ -201,30 +215,30 @@ static_assert(sizeof(SgdTable<true>) + sizeof(SgdArgs) <= kKernelParamBytes &&
                   sizeof(SgdTable<false>) + sizeof(SgdArgs) <= kKernelParamBytes,
               "sgd_kernel's arguments exceed the kernel parameter limit");
 
-template <typename Fmt, bool kDecay, bool kMomentum, bool kFirstStep, bool kNesterov>
+// The grad as in adam_kernel; a first step writes the momentum buffer without reading it.
+template <typename Fmt, bool kDecay, bool kMomentum, bool kFirstStep, bool kNesterov, bool kUnscale>
 __global__ void __launch_bounds__(kThreads)
 sgd_kernel(SgdTable<kMomentum> table, SgdArgs a) {
   using T = typename Fmt::compute_t;
   constexpr int kStreams = kMomentum ? 3 : 2;
+  constexpr uint32_t kLoaded = kFirstStep ? kAllStreams<kStreams> & ~stream_bit(2) : kAllStreams<kStreams>;
+  constexpr uint32_t kStored = kUnscale ? kAllStreams<kStreams> : kAllStreams<kStreams> & ~stream_bit(1);
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
   const Chunk<typename Fmt::storage_t, kStreams> c =
       block_chunk<typename Fmt::storage_t>(table);
   const math::SgdCoeffs<T> coeffs =
       math::make_sgd_coeffs<T>(a.lr.read(), a.momentum, a.dampening, a.weight_decay, a.maximize);
-  const T scale = a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1);
-  const bool unscale = a.grad_scale != nullptr;
-  for_chunk<Fmt, kStreams>(c, [&](T* v) {
-    const T g = unscale ? v[1] / scale : v[1];
-    v[1] = g;
+  const T scale = kUnscale ? static_cast<T>(*a.grad_scale) : T(1);
+  for_chunk<Fmt, kStreams, kLoaded, kStored>(c, [&](T* v) {
+    if constexpr (kUnscale) v[1] = v[1] / scale;
     if constexpr (kMomentum) {
-      math::sgd_element<kDecay, true, kFirstStep, kNesterov>(v[0], g, v[2], coeffs);
+      math::sgd_element<kDecay, true, kFirstStep, kNesterov>(v[0], v[1], v[2], coeffs);
     } else {
       T unused = T(0);
-      math::sgd_element<kDecay, false, kFirstStep, kNesterov>(v[0], g, unused, coeffs);
+      math::sgd_element<kDecay, false, kFirstStep, kNesterov>(v[0], v[1], unused, coeffs);
     }
   });
 }
-
 
 template <typename F>
 void with_format(at::ScalarType dtype, F&& f) {
@@ -316,10 +330,12 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       }
       with_format(group.first, [&](auto fmt) {
         with_flag(weight_decay != 0.0 && !decoupled, [&](auto coupled) {
-          for_each_chunk_table<kStreams, true>(refs, [&](const AdamTable<kAmsgrad>& table, int chunks) {
-            adam_kernel<decltype(fmt), kAmsgrad, decltype(coupled)::value>
-                <<<chunks, kThreads, 0, stream>>>(table, args);
-            check_launch();
+          with_flag(grad_scale.has_value(), [&](auto unscale) {
+            for_each_chunk_table<kStreams, true>(refs, [&](const AdamTable<kAmsgrad>& table, int chunks) {
+              adam_kernel<decltype(fmt), kAmsgrad, decltype(coupled)::value, decltype(unscale)::value>
+                  <<<chunks, kThreads, 0, stream>>>(table, args);
+              check_launch();
+            });
           });
         });
       });
@@ -371,10 +387,13 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       with_format(group.first, [&](auto fmt) {
         with_flag(weight_decay != 0.0, [&](auto decay) {
           auto launch = [&](auto first, auto nest) {
-            for_each_chunk_table<kStreams, false>(refs, [&](const SgdTable<kMomentum>& table, int chunks) {
-              sgd_kernel<decltype(fmt), decltype(decay)::value, kMomentum, decltype(first)::value,
-                         decltype(nest)::value><<<chunks, kThreads, 0, stream>>>(table, args);
-              check_launch();
+            with_flag(grad_scale.has_value(), [&](auto unscale) {
+              for_each_chunk_table<kStreams, false>(refs, [&](const SgdTable<kMomentum>& table, int chunks) {
+                sgd_kernel<decltype(fmt), decltype(decay)::value, kMomentum, decltype(first)::value,
+                           decltype(nest)::value, decltype(unscale)::value>
+                    <<<chunks, kThreads, 0, stream>>>(table, args);
+                check_launch();
+              });
             });
           };
           if constexpr (kMomentum) {
