@@ -7,10 +7,11 @@ import torch
 import fusedtrain
 from fusedtrain import reference
 
-pytestmark = pytest.mark.skipif(
+# `gpu`: the tests that bench/gpu_check.py runs (pytest -m gpu).
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not (torch.cuda.is_available() and fusedtrain._extension.native_available()
          and fusedtrain._extension._C.has_cuda_kernels()),
-    reason="needs a GPU and fusedtrain built with CUDA")
+    reason="needs a GPU and fusedtrain built with CUDA")]
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(3, 5), (70001,), (), (0,), (129,)]

@@ -40,10 +40,21 @@ def test_mixed_dtypes_empty_and_refused_calls():
     _run_checks("mixed")
 
 
+def test_lr_tensor_and_grads_without_grad_scale():
+    _run_checks("scalars")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("op", ["adam", "sgd"])
 def test_compiled_kernels_on_cuda_match_reference(op):
     _run_checks(op, *DTYPES, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compiled_kernels_on_cuda_never_wait_for_the_device():
+    _run_checks("scalars", device="cuda")
 
 
 # ---- The checks, run in the subprocess ------------------------------------------------------
@@ -136,9 +147,10 @@ def _make_args(op: str, dtype: torch.dtype, seed: int, tensors=TENSORS, nonfinit
 
 def _call(op_fn, op: str, args, config: dict) -> None:
     kwargs = dict(ADAM_DEFAULTS if op == "adam" else SGD_DEFAULTS, **config)
+    device = args[0][0].device if args[0] else "cpu"
     for name in ("grad_scale", "found_inf"):
-        if name in kwargs:
-            kwargs[name] = torch.tensor(kwargs[name])
+        if name in kwargs:  # on the params' device, where the kernels read them
+            kwargs[name] = torch.tensor(kwargs[name], device=device)
     if op == "adam":
         if not kwargs["amsgrad"]:
             args = args[:4] + [[]] + args[5:]  # the ops take no max_exp_avg_sqs without amsgrad
@@ -186,9 +198,8 @@ def _check_op(op: str, dtype: torch.dtype, device: str) -> None:
         _call(getattr(optim, f"{op}_step_"), op, got, config)
         _call(getattr(reference, f"{op}_step_"), op, want, config)
         _assert_same(label, got, want, dtype)
-        expected_launches = 0 if config.get("found_inf") else 1
-        assert counter.launches - before == expected_launches, (
-            f"{label}: {counter.launches - before} launches, expected {expected_launches}")
+        # One launch, found_inf or not: the kernel reads found_inf and returns at once if set.
+        assert counter.launches - before == 1, f"{label}: {counter.launches - before} launches"
         print(f"{label}: ok")
 
 
@@ -238,6 +249,51 @@ def _check_mixed() -> None:
     print("refused calls: ok")
 
 
+def _check_scalars(device: str) -> None:
+    """lr_tensor replaces the float lr (float32 and float64 ones); grads are left bit for bit as
+    they were without a grad_scale (a bf16 NaN with a payload included); on CUDA, a step with
+    grad_scale, found_inf and lr_tensor on the device never waits for it (torch's sync debug
+    mode turns any synchronization into an error)."""
+    from fusedtrain import reference
+    from fusedtrain.triton import optim
+
+    for op in ("adam", "sgd"):
+        for lr_dtype in (torch.float32, torch.float64):
+            lr_tensor = torch.tensor(0.0123, dtype=lr_dtype, device=device)
+            config = dict(weight_decay=0.1, decoupled=True) if op == "adam" else \
+                dict(momentum=0.9, weight_decay=0.1)
+            got = _make_args(op, torch.bfloat16, 3, nonfinite=False, device=device)
+            got[1][0].view(torch.int16)[0] = 0x7FA1  # a NaN whose payload fp32 would not keep
+            grads_before = [g.clone() for g in got[1]]
+            want = [[t.clone() for t in lst] for lst in got]
+            _call(getattr(optim, f"{op}_step_"), op, got,
+                  dict(config, lr=123.0, lr_tensor=lr_tensor))
+            _call(getattr(reference, f"{op}_step_"), op, want, dict(config, lr=lr_tensor.item()))
+            label = f"{op} lr_tensor {lr_dtype} {device}"
+            _assert_same(label, got, want, torch.bfloat16)
+            for g, before in zip(got[1], grads_before):
+                assert torch.equal(g.view(torch.int16), before.view(torch.int16)), \
+                    f"{label}: a grad was written without a grad_scale"
+            print(f"{label}: ok")
+    if device == "cuda":
+        for op in ("adam", "sgd"):
+            args = _make_args(op, torch.float32, 4, nonfinite=False, device=device)
+            kwargs = dict(ADAM_DEFAULTS, amsgrad=True) if op == "adam" else \
+                dict(SGD_DEFAULTS, momentum=0.9)
+            kwargs.update(grad_scale=torch.tensor(4.0, device=device),
+                          found_inf=torch.tensor(0.0, device=device),
+                          lr_tensor=torch.tensor(0.01, device=device))
+            step = getattr(optim, f"{op}_step_")
+            step(*args, **kwargs)  # compiles the kernels
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            print(f"{op}: no synchronization with the device")
+
+
 def _expect_refusal(error: type, op_fn, *args, **kwargs) -> None:
     try:
         op_fn(*args, **kwargs)
@@ -255,6 +311,8 @@ def _main(device: str, what: str, *dtypes: str) -> None:
     optim.BLOCK = BLOCK
     if what == "mixed":
         _check_mixed()
+    if what == "scalars":
+        _check_scalars(device)
     for dtype in dtypes:
         _check_op(what, DTYPES[dtype], device)
 

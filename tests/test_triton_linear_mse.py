@@ -39,6 +39,7 @@ def test_empty_problems_and_refused_inputs():
     _run_checks("edges")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_compiled_kernels_on_cuda_match_reference():
     _run_checks("grid", "float32", "float64", device="cuda")

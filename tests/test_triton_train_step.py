@@ -39,6 +39,7 @@ def test_fit_and_fused_train_step_with_triton_backend_match_native():
     _run_checks("backend")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_compiled_kernels_on_cuda_match_native():
     _run_checks("op", "refused", "backend", device="cuda")
