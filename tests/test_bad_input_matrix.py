@@ -206,8 +206,9 @@ def param_with_grad(shape, grad_shape=None, dtype=torch.float32, grad_dtype=None
 
 
 def complex_param():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    p.grad = torch.randn(3, dtype=torch.complex64)
+    g = torch.Generator().manual_seed(22)
+    p = torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.complex64))
+    p.grad = torch.randn(3, generator=g, dtype=torch.complex64)
     return p
 
 
@@ -218,8 +219,9 @@ def int_param():
 
 
 def sparse_grad_param():
-    p = torch.nn.Parameter(torch.randn(4, 3))
-    p.grad = torch.randn(4, 3).to_sparse()
+    g = torch.Generator().manual_seed(23)
+    p = torch.nn.Parameter(torch.randn(4, 3, generator=g))
+    p.grad = torch.randn(4, 3, generator=g).to_sparse()
     return p
 
 
@@ -355,16 +357,19 @@ TORCH_WARNS_OF_DUPLICATES = pytest.mark.filterwarnings("ignore:optimizer contain
 
 CASES = [
     # -- hyperparameters and param lists (test_optim_bad_input.py has negative lr, eps, betas...)
+    # torch warns that a param listed twice will be an error (the warning is compared here), and
+    # its for-loop updates it once per listing: fusedtrain steps such a group by that loop
     *[Case(f"{name}-param-listed-twice-in-a-group",
            optimizer_construction(name, lambda: [make_params(torch.float32, seed=13, shapes=[(3,)]) * 2], lr=0.1),
-           # torch warns that this will be an error; its loop and foreach steps already disagree
-           Raises(ValueError, r"param 1 of param group 0 is param 0 again", torch_raises_too=False),
-           marks=(TORCH_WARNS_OF_DUPLICATES,))
+           TORCH)
+      for name in OPTIMIZER_NAMES],
+    *[Case(f"{name}-steps-of-a-param-listed-twice",
+           optimizer_steps(name, two_groups(lambda: grads_set(make_params(torch.float32, seed=13, shapes=[(3,), (2,)]))[::-1] * 2)),
+           TORCH, marks=(TORCH_WARNS_OF_DUPLICATES,))
       for name in OPTIMIZER_NAMES],
     Case("Adam-add_param_group-listing-a-param-twice",
          optimizer_call("Adam", lambda opt, params: opt.add_param_group({"params": [params[0].new_ones(2)] * 2})),
-         Raises(ValueError, r"param 1 of param group 2 is param 0 again", torch_raises_too=False),
-         marks=(TORCH_WARNS_OF_DUPLICATES,)),
+         TORCH),
     Case("SGD-param-in-two-groups",
          optimizer_construction("SGD", lambda: [make_params(torch.float32, seed=14, shapes=[(3,)])] * 2, lr=0.1),
          Raises(ValueError, "some parameters appear in more than one parameter group")),
@@ -402,15 +407,30 @@ CASES = [
          optimizer_steps("SGD", two_groups(lambda: [param_with_grad((3,), dtype=torch.float64)])),
          Raises(RuntimeError, "param 0 of param group 1 is torch.float64 on cpu but its grad is torch.float32",
                 torch_raises_too=False)),
-    *[Case(f"{name}-complex-param", optimizer_steps(name, two_groups(lambda: [complex_param()])),
-           # torch.optim steps complex params as pairs of reals; the kernels do not (yet)
-           Raises(RuntimeError, "param 0 of param group 1 has dtype torch.complex64", torch_raises_too=False))
-      for name in ("SGD", "Adam")],
+    # torch.optim steps complex params as pairs of reals, and so do the kernels
+    *[Case(f"{name}-complex-param", optimizer_steps(name, two_groups(lambda: [complex_param()])), TORCH)
+      for name in OPTIMIZER_NAMES],
+    Case("Adam-fused-complex-param", optimizer_steps("Adam", two_groups(lambda: [complex_param()]), fused=True),
+         Raises(RuntimeError, r"`fused=True` requires all the params to be floating point Tensors.*"
+                              r"torch.complex64 and cpu \(Adam: param 0 of param group 1\)")),
     Case("SGD-integer-param", optimizer_steps("SGD", two_groups(lambda: [int_param()])),
          Raises(RuntimeError, "param 0 of param group 1 has dtype torch.int64")),
-    *[Case(f"{name}-sparse-grad", optimizer_steps(name, two_groups(lambda: [sparse_grad_param()]), **kwargs),
-           Raises(RuntimeError, f"{name} does not support sparse gradients"))
-      for name, kwargs in (("SGD", {"momentum": 0}), ("AdamW", {}))],
+    Case("AdamW-sparse-grad", optimizer_steps("AdamW", two_groups(lambda: [sparse_grad_param()])),
+         Raises(RuntimeError, "AdamW does not support sparse gradients")),
+    # torch.optim.SGD adds a sparse gradient (and keeps a sparse momentum buffer) in its for-loop,
+    # which steps such a group in fusedtrain too; weight decay makes torch's loop fail halfway
+    *[Case(f"SGD-sparse-grad-{label}", optimizer_steps("SGD", two_groups(lambda: [sparse_grad_param()]), **kwargs), TORCH)
+      for label, kwargs in (("without-momentum", {"momentum": 0, "weight_decay": 0}),
+                            ("with-momentum", {"weight_decay": 0}),
+                            ("with-nesterov-and-maximize", {"weight_decay": 0, "nesterov": True, "maximize": True}))],
+    Case("SGD-sparse-grad-with-weight-decay", optimizer_steps("SGD", two_groups(lambda: [sparse_grad_param()])),
+         Raises(RuntimeError, r"add\(sparse, dense\) is not supported.*param 0 of param group 1 has a sparse gradient")),
+    Case("SGD-fused-sparse-grad", optimizer_steps("SGD", two_groups(lambda: [sparse_grad_param()]), weight_decay=0, fused=True),
+         Raises(RuntimeError, "`_fused_sgd` does not support sparse gradients")),
+    # differentiable=True: torch's for-loop, recording autograd history; on leaf params that require
+    # grad both fail the same way (an in-place update of a leaf under autograd)
+    *[Case(f"{name}-differentiable-on-leaf-params", optimizer_steps(name, two_groups(lambda: grads_set(make_params(torch.float32, seed=24, shapes=[(3,)]))), differentiable=True), TORCH)
+      for name in OPTIMIZER_NAMES],
     Case("Adam-grad-on-another-device",
          optimizer_steps("Adam", two_groups(lambda: [cuda_param_with_cpu_grad()])),
          Raises(RuntimeError, "param 0 of param group 1 is torch.float32 on cuda:0 but its grad is torch.float32 on cpu")),
@@ -446,6 +466,10 @@ CASES = [
       for kind in ("non-contiguous grads", "non-contiguous params", "empty and 0-dim params",
                    "nan and inf grads", "nan and inf params")],
     Case("SGD-params-on-cpu-and-meta", optimizer_steps("SGD", special_params("params on cpu and meta")), TORCH),
+    # torch's fused=True refuses a meta param (its fused kernels run on real devices)
+    Case("Adam-fused-params-on-cpu-and-meta", optimizer_steps("Adam", special_params("params on cpu and meta"), fused=True),
+         Raises(RuntimeError, r"`fused=True` requires all the params to be floating point Tensors of supported "
+                              r"devices: .* but torch.float32 and meta \(Adam: param 1 of param group 0\)")),
     *[Case(f"{name}-params-on-cpu-and-meta", optimizer_steps(name, special_params("params on cpu and meta")), TORCH)
       for name in ("Adam", "AdamW")],
 

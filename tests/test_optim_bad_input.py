@@ -2,6 +2,7 @@
 nothing mutated (params, grads and optimizer state as they were)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -34,14 +35,29 @@ def test_bad_hyperparameters_raise_like_torch(name, kwargs, message):
         getattr(fusedtrain.optim, name)(params, **kwargs)
 
 
-@pytest.mark.parametrize("name,kwargs,message", [
-    ("Adam", {"differentiable": True}, "differentiable"),
-    ("SGD", {"differentiable": True}, "differentiable"),
-    ("Adam", {"backend": "gpu-magic"}, "backend"),
+def test_unknown_backend_is_refused_clearly():
+    with pytest.raises(ValueError, match="backend"):
+        fusedtrain.optim.Adam([torch.nn.Parameter(torch.randn(3))], backend="gpu-magic")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", {"fused": True, "differentiable": True}),
+    ("SGD", {"fused": True, "differentiable": True}),
+    ("AdamW", {"fused": True, "foreach": True}),
+    ("SGD", {"fused": True, "foreach": True}),
+    ("Adam", {"lr": torch.tensor(0.01), "foreach": True}),
+    ("AdamW", {"betas": (torch.tensor(0.9), 0.99)}),
+    ("Adam", {"betas": (0.9, 0)}),
+    ("Adam", {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}),
 ])
-def test_unsupported_options_are_refused_clearly(name, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        getattr(fusedtrain.optim, name)([torch.nn.Parameter(torch.randn(3))], **kwargs)
+def test_flags_torch_refuses_are_refused_alike(name, kwargs):
+    """foreach and fused do not choose fusedtrain's implementation, but what torch refuses for
+    them is refused the same way, so code moves between the two unchanged."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(Exception) as torch_error:
+        getattr(torch.optim, name)(params, **kwargs)
+    with pytest.raises(type(torch_error.value), match=re.escape(str(torch_error.value))):
+        getattr(fusedtrain.optim, name)(params, **kwargs)
 
 
 def test_foreach_and_fused_are_accepted():
@@ -83,12 +99,25 @@ def assert_unchanged(before, opt, params):
             assert torch.equal(now["state"][index][key], value), key
 
 
-@pytest.mark.parametrize("name", ["Adam", "SGD"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_sparse_grad_in_a_later_group_mutates_nothing(name):
     opt, params = trained_optimizer(name)
     params[2].grad = torch.randn(4, 3).to_sparse()
     before = snapshot(opt, params)
     with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+def test_sgd_sparse_grad_with_weight_decay_in_a_later_group_mutates_nothing():
+    """torch.optim.SGD fails adding the param to a sparse gradient, after updating the params
+    before it; fusedtrain raises torch's error before anything moves."""
+    opt, params = trained_optimizer("SGD")
+    opt.param_groups[1]["weight_decay"] = 0.1
+    params[2].grad = torch.randn(4, 3).to_sparse()
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=re.escape("add(sparse, dense) is not supported") +
+                       ".*param 1 of param group 1 has a sparse gradient"):
         opt.step()
     assert_unchanged(before, opt, params)
 

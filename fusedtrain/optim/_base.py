@@ -1,5 +1,6 @@
 """The step() that every fusedtrain optimizer shares: closure, checks, then one kernel call per
-param group and device."""
+param group and device (or torch.optim's own for-loop for the few groups that need it: see
+_torch_loop)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from fusedtrain import _dispatch
 from fusedtrain.optim import _common, _dtensor
@@ -58,7 +60,7 @@ class MultiTensorOptimizer(Optimizer):
         # Check every group before the first kernel runs, so a bad group mutates nothing.
         self._check_graph_capture()
         name = type(self).__name__
-        updates = [_common.params_with_grad(name, group) for group in self.param_groups]
+        updates = [_common.params_with_grad(name, group, self._takes_sparse_grads) for group in self.param_groups]
         if self._state_needs_check:
             for index, group in enumerate(self.param_groups):
                 self._check_state(index, group)
@@ -66,11 +68,17 @@ class MultiTensorOptimizer(Optimizer):
         # A group whose plan is rebuilt (first step, or another set of params with a gradient) has
         # its params checked here, for all groups at once: the op checks only its own call, and
         # an earlier group's call would already have run. Cached plans skip it, as it costs as
-        # much as the step for small tensors.
-        plans = []  # per group: (key, cached plan or None), or None without params to update
-        for index, (group, params) in enumerate(zip(self.param_groups, updates)):
+        # much as the step for small tensors. Groups that torch's for-loop steps (see _torch_loop)
+        # are checked at every step.
+        plans = []  # per group: (key, cached plan or None), TORCH_LOOP, or None without params to update
+        for index, (group, (params, sparse)) in enumerate(zip(self.param_groups, updates)):
             if not params:
                 plans.append(None)
+                continue
+            if sparse or group["differentiable"]:
+                _check_params_with_grad(name, index, group)
+                self._check_torch_loop(index, group)
+                plans.append(TORCH_LOOP)
                 continue
             key = self._plan_key(group, params)
             cached = self._plans.get(id(group))
@@ -78,31 +86,25 @@ class MultiTensorOptimizer(Optimizer):
                 _check_params_with_grad(name, index, group)
                 _dtensor.check_grads(name, params)
                 cached = None
+                if len(set(key[0])) != len(key[0]):  # a param listed twice (never cached)
+                    self._check_torch_loop(index, group)
+                    plans.append(TORCH_LOOP)
+                    continue
             plans.append((key, cached))
-        for group, params, planned in zip(self.param_groups, updates, plans):
+        for group, (params, _), planned in zip(self.param_groups, updates, plans):
             if planned is None:
+                continue
+            if planned is TORCH_LOOP:
+                self._forget_plan(group)
+                # torch.optim records autograd history when its defaults say differentiable
+                with torch.set_grad_enabled(self.defaults["differentiable"]):
+                    self._step_torch_loop(group)
                 continue
             key, cached = planned
             if cached is None:
                 cached = self._plans[id(group)] = (key, self._make_plan(group, params))
             self._run_plan(group, cached[1])
         return loss
-
-    def add_param_group(self, param_group: dict) -> None:
-        """torch.optim's add_param_group; a param listed twice in the group is refused (torch
-        warns that it will be): the fused kernels would update it twice at once, racing."""
-        super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
-        first_index = {}
-        for index, p in enumerate(params):
-            if id(p) in first_index:
-                self.param_groups.pop()
-                raise ValueError(
-                    f"fusedtrain.optim.{type(self).__name__}: param {index} of param group "
-                    f"{len(self.param_groups)} is param {first_index[id(p)]} again; list each "
-                    "param once"
-                )
-            first_index[id(p)] = index
 
     def _plan_key(self, group: dict, params: list[Tensor]) -> tuple:
         # Params are compared by identity: Tensor.__eq__ is elementwise.
@@ -132,21 +134,47 @@ class MultiTensorOptimizer(Optimizer):
     def _run_plan(self, group: dict, plan) -> None:
         raise NotImplementedError
 
+    # Whether the optimizer takes sparse gradients (then stepped by torch's for-loop)
+    _takes_sparse_grads = False
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    def _check_torch_loop(self, group_index: int, group: dict) -> None:
+        """Raises what torch.optim would raise stepping this group, before any group moves."""
+        raise NotImplementedError
+
+    def _step_torch_loop(self, group: dict) -> None:
+        """Steps the group with torch.optim's own for-loop (see _torch_loop)."""
+        raise NotImplementedError
+
+
+# The plan of a group that torch.optim's for-loop steps (see _torch_loop)
+TORCH_LOOP = object()
+
+
+# Complex params go to the kernels as pairs of reals (see _common.real_views).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                  torch.complex64, torch.complex128)
 
 
 def _check_params_with_grad(optimizer: str, group_index: int, group: dict) -> None:
     """What the optimizer ops refuse, named as the user knows the param. RuntimeError, as
-    torch.optim raises for a gradient that does not fit its param."""
+    torch.optim raises for a gradient that does not fit its param. A group asking for fused=True
+    is refused what torch's fused=True refuses (a meta param, a complex one), in torch's words, so
+    code behaves the same with either optimizer."""
     for index, p in enumerate(group["params"]):
         grad = p.grad
         if grad is None:
             continue
         where = f"{optimizer}: param {index} of param group {group_index}"
+        if group["fused"]:
+            fused_devices = _get_fused_kernels_supported_devices()
+            if p.device.type not in fused_devices or not torch.is_floating_point(p):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                                   f"of supported devices: {fused_devices} but {p.dtype} and "
+                                   f"{p.device.type} ({where})")
         if p.dtype not in _KERNEL_DTYPES:
             raise RuntimeError(f"{where} has dtype {p.dtype}; the fused kernels take float32, "
-                               "float64, bfloat16 and float16 params")
+                               "float64, bfloat16 and float16 params, and complex64 and complex128 "
+                               "ones as pairs of reals")
         if grad.shape != p.shape:
             raise RuntimeError(f"{where} has shape {tuple(p.shape)} but its grad has shape "
                                f"{tuple(grad.shape)}")

@@ -17,6 +17,12 @@ def as_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
+def as_scalar(value: float | Tensor) -> float | Tensor:
+    """A hyperparameter as torch.optim keeps it: a one-element tensor as a 0-dim tensor (a
+    differentiable step takes gradients through it), a number as it is."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
+
+
 def check_lr(lr: float | Tensor) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
@@ -34,25 +40,34 @@ def lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[float, Tenso
     return as_float(lr), None
 
 
-def check_supported(optimizer: str, differentiable: bool, backend: str) -> None:
-    if differentiable:
-        raise ValueError(
-            f"fusedtrain.optim.{optimizer}: differentiable=True is not supported: the fused kernels "
-            f"update in place without autograd history; use torch.optim.{optimizer} for it"
-        )
+def check_flags(foreach: bool | None, fused: bool | None, differentiable: bool, backend: str) -> None:
+    """torch.optim's refusals of impossible implementation flags (differentiable=True itself is
+    taken: such a group is stepped by torch's for-loop, see _torch_loop), and the backend."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     _dispatch.check_backend(backend)
 
 
-def params_with_grad(optimizer: str, group: dict) -> list[Tensor]:
-    """The params of `group` that have a gradient; sparse gradients are refused as torch does."""
+def params_with_grad(optimizer: str, group: dict, takes_sparse: bool) -> tuple[list[Tensor], bool]:
+    """The params of `group` that have a gradient, and whether one of those is sparse; an
+    optimizer that does not take sparse gradients refuses them as torch does."""
     params = [p for p in group["params"] if p.grad is not None]
     for p in params:
         if p.grad.is_sparse:
-            raise RuntimeError(
-                f"{optimizer} does not support sparse gradients"
-                + (", please consider SparseAdam instead" if optimizer.startswith("Adam") else "")
-            )
-    return params
+            if takes_sparse:
+                return params, True
+            raise RuntimeError(f"{optimizer} does not support sparse gradients, please consider "
+                               "SparseAdam instead")
+    return params, False
+
+
+def real_views(tensors: list[Tensor]) -> list[Tensor]:
+    """`tensors` with each complex one as a real view with a last dimension of 2 (real,
+    imaginary): torch.optim updates complex params, grads and state this way (_view_as_real), and
+    the elementwise kernels then update them as pairs of reals, state staying complex."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
 def existing_states(optimizer: torch.optim.Optimizer, group_index: int, group: dict):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fusedtrain.optim import _common
+from fusedtrain.optim import _common, _torch_loop
 from fusedtrain.optim._base import MultiTensorOptimizer
 
 
@@ -22,16 +22,20 @@ class AdamBucket(NamedTuple):
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor]
     steps: list[Tensor]
+    has_complex: bool  # then the kernel takes real views (see _common.real_views)
 
 
 class Adam(MultiTensorOptimizer):
     """Drop-in for :class:`torch.optim.Adam` (same arguments and defaults).
 
-    ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. The step never
-    waits for the device, so ``capturable=True`` (CUDA graph capture of ``step()``) works on the
-    native CUDA kernels, with a tensor ``lr`` on the device read by the kernel. ``backend``
-    ("auto", "native", "triton", "reference") picks the implementation; see
-    ``python -m fusedtrain info``.
+    ``foreach`` and ``fused`` are accepted and the step is always fused; ``fused=True`` refuses
+    what torch's does (params that are not real floating point on a device with fused kernels,
+    ``foreach=True``, ``differentiable=True``). The step never waits for the device, so
+    ``capturable=True`` (CUDA graph capture of ``step()``) works on the native CUDA kernels, with a
+    tensor ``lr`` on the device read by the kernel. Complex params are updated as pairs of reals,
+    as torch does. A group with ``differentiable=True``, or listing a param twice, is stepped by
+    torch's own for-loop (see ``fusedtrain.optim._torch_loop``). ``backend`` ("auto", "native",
+    "triton", "reference") picks the implementation; see ``python -m fusedtrain info``.
     """
 
     def __init__(
@@ -51,6 +55,11 @@ class Adam(MultiTensorOptimizer):
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
     ) -> None:
+        # torch refuses tensor hyperparameters with foreach=True (its foreach step cannot take
+        # them unless capturable); fusedtrain's step can, but refuses as torch does for drop-in.
+        tensor_foreach = "as a Tensor is not supported for capturable=False and foreach=True"
+        if isinstance(lr, Tensor) and foreach and not capturable:
+            raise ValueError(f"lr {tensor_foreach}")
         _common.check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -61,10 +70,14 @@ class Adam(MultiTensorOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _common.check_supported(type(self).__name__, differentiable, backend)
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if isinstance(betas[0], Tensor) and foreach and not capturable:
+            raise ValueError(f"betas[0] {tensor_foreach}")
+        _common.check_flags(foreach, fused, differentiable, backend)
         defaults = {
             "lr": lr,
-            "betas": tuple(_common.as_float(b) for b in betas),
+            "betas": tuple(_common.as_scalar(b) for b in betas),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -106,6 +119,9 @@ class Adam(MultiTensorOptimizer):
     def _plan_flags(self, group: dict) -> tuple:
         return (group["amsgrad"],)
 
+    _check_torch_loop = _torch_loop.check_adam
+    _step_torch_loop = _torch_loop.step_adam
+
     def _make_plan(self, group: dict, params: list[Tensor]) -> list[AdamBucket]:
         amsgrad = group["amsgrad"]
         states = [self._init_state(p, amsgrad) for p in params]
@@ -122,6 +138,7 @@ class Adam(MultiTensorOptimizer):
                 [s["exp_avg_sq"] for s in bucket_states],
                 [s["max_exp_avg_sq"] for s in bucket_states] if amsgrad else [],
                 [s["step"] for s in bucket_states],
+                any(params[i].is_complex() for i in indices),
             ))
         return buckets
 
@@ -143,12 +160,12 @@ class Adam(MultiTensorOptimizer):
         for bucket in plan:
             grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
             lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
+            updated = (bucket.params, [p.grad for p in bucket.params], bucket.exp_avgs,
+                       bucket.exp_avg_sqs, bucket.max_exp_avg_sqs)
+            if bucket.has_complex:
+                updated = map(_common.real_views, updated)
             self._kernel("adam_step_", bucket.device)(
-                bucket.params,
-                [p.grad for p in bucket.params],
-                bucket.exp_avgs,
-                bucket.exp_avg_sqs,
-                bucket.max_exp_avg_sqs,
+                *updated,
                 bucket.steps,
                 lr,
                 _common.as_float(beta1),

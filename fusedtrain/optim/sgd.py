@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fusedtrain.optim import _common
+from fusedtrain.optim import _common, _torch_loop
 from fusedtrain.optim._base import MultiTensorOptimizer
 
 
@@ -19,6 +19,7 @@ class SgdBucket(NamedTuple):
     device: torch.device
     params: list[Tensor]
     buffers: list[Tensor]  # empty without momentum, or before the buffers exist
+    has_complex: bool  # then the kernel takes real views (see _common.real_views)
 
 
 class SgdPlan(NamedTuple):
@@ -29,8 +30,13 @@ class SgdPlan(NamedTuple):
 class SGD(MultiTensorOptimizer):
     """Drop-in for :class:`torch.optim.SGD` (same arguments and defaults).
 
-    ``foreach`` and ``fused`` are accepted and ignored: the step is always fused. ``backend``
-    ("auto", "native", "reference") picks the implementation.
+    ``foreach`` and ``fused`` are accepted and the step is always fused; ``fused=True`` refuses
+    what torch's does (params that are not real floating point on a device with fused kernels,
+    sparse gradients, ``foreach=True``, ``differentiable=True``). Complex params are updated as
+    pairs of reals, as torch does. A group with a sparse gradient, with ``differentiable=True``,
+    or listing a param twice is stepped by torch's own for-loop (see
+    ``fusedtrain.optim._torch_loop``). ``backend`` ("auto", "native", "reference") picks the
+    implementation.
     """
 
     def __init__(
@@ -55,7 +61,7 @@ class SGD(MultiTensorOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        _common.check_supported("SGD", differentiable, backend)
+        _common.check_flags(foreach, fused, differentiable, backend)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -84,6 +90,10 @@ class SGD(MultiTensorOptimizer):
 
     def _plan_flags(self, group: dict) -> tuple:
         return (group["momentum"] != 0,)
+
+    _takes_sparse_grads = True
+    _check_torch_loop = _torch_loop.check_sgd
+    _step_torch_loop = _torch_loop.step_sgd
 
     def _make_plan(self, group: dict, params: list[Tensor]) -> SgdPlan:
         """Params whose momentum buffer exists (or that need none), by device, and the params
@@ -114,10 +124,11 @@ class SGD(MultiTensorOptimizer):
         existing buffers never waits for the device."""
         grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
         lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
+        updated = (bucket.params, [p.grad for p in bucket.params], bucket.buffers)
+        if bucket.has_complex:
+            updated = map(_common.real_views, updated)
         self._kernel("sgd_step_", bucket.device)(
-            bucket.params,
-            [p.grad for p in bucket.params],
-            bucket.buffers,
+            *updated,
             lr,
             group["momentum"],
             group["dampening"],
@@ -136,6 +147,7 @@ def _buckets(params: list[Tensor], buffers: list[Tensor] | None) -> list[SgdBuck
     """One bucket per device; buffers None: no momentum buffers (yet)."""
     return [
         SgdBucket(device, [params[i] for i in indices],
-                  [buffers[i] for i in indices] if buffers is not None else [])
+                  [buffers[i] for i in indices] if buffers is not None else [],
+                  any(params[i].is_complex() for i in indices))
         for device, indices in _common.group_by_device(params).items()
     ]
