@@ -133,8 +133,8 @@ def _chain(model: nn.Module) -> list[_Step]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # whatever stops the trace, the model is not a stack fusedtrain can see
-        raise TypeError(f"fusedtrain: torch.fx cannot trace the model's forward ({type(e).__name__}: "
-                        f"{e}); {SUPPORTED_MODELS}") from e
+        raise TypeError(f"fusedtrain: torch.fx cannot trace the model's forward "
+                        f"({type(e).__name__}: {e}); {SUPPORTED_MODELS}") from e
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
     if not inputs:
         raise TypeError(f"fusedtrain: the model's forward takes no input; {SUPPORTED_MODELS}")
@@ -146,8 +146,8 @@ def _chain(model: nn.Module) -> list[_Step]:
         users = list(current.users)
         if len(users) != 1:
             used_by = ", ".join(f"'{_label(model, user)}'" for user in users) or "nothing"
-            raise TypeError(f"fusedtrain: the model's value '{current.name}' is used by {used_by}; "
-                            f"a stack uses each value once; {SUPPORTED_MODELS}")
+            raise TypeError(f"fusedtrain: the model's value '{_label(model, current)}' is used by "
+                            f"{used_by}; a stack uses each value once; {SUPPORTED_MODELS}")
         node = users[0]
         if node.op == "output":
             if node.args[0] is not current:
@@ -259,7 +259,8 @@ def _what(model: nn.Module, node: torch.fx.Node) -> str:
     return node.op
 
 
-def _unsupported(name: str, what: str, reason: str = "is not part of a supported stack") -> TypeError:
+def _unsupported(name: str, what: str,
+                 reason: str = "is not part of a supported stack") -> TypeError:
     return TypeError(f"fusedtrain: the model's node '{name}' ({what}) {reason}; {SUPPORTED_MODELS}")
 
 
@@ -291,11 +292,11 @@ def _check_layers(linears: list[nn.Linear], names: list[str]) -> None:
                 raise TypeError(f"fusedtrain: the model's layers '{owner[1]}' and '{name}' share a "
                                 "Parameter; a stack's layers share params only by applying the "
                                 "same nn.Linear again")
-    for (before, before_name), (layer, name) in zip(zip(linears, names), zip(linears[1:], names[1:])):
-        if layer.weight.shape[1] != before.weight.shape[0]:
-            raise ValueError(f"fusedtrain: the model's layer '{name}' takes {layer.weight.shape[1]} "
-                             f"inputs but the layer before it, '{before_name}', gives "
-                             f"{before.weight.shape[0]}")
+    for l in range(1, len(linears)):
+        takes, gives = linears[l].weight.shape[1], linears[l - 1].weight.shape[0]
+        if takes != gives:
+            raise ValueError(f"fusedtrain: the model's layer '{names[l]}' takes {takes} inputs but "
+                             f"the layer before it, '{names[l - 1]}', gives {gives}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +344,8 @@ def describe_criterion(criterion) -> tuple[int, int, float, int, float]:
         raise ValueError(f"fusedtrain: {name}(reduction='none') gives a loss per element, not a "
                          "scalar training loss; use 'mean' or 'sum'")
     if criterion.reduction not in _REDUCTIONS:
-        raise ValueError(f"fusedtrain: {name}'s reduction {criterion.reduction!r} is not 'mean' or 'sum'")
+        raise ValueError(f"fusedtrain: {name}'s reduction {criterion.reduction!r} is not 'mean' "
+                         "or 'sum'")
     reduction = _REDUCTIONS[criterion.reduction]
     if torch_class in (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss):
         for setting in ("weight", "pos_weight"):
@@ -390,10 +392,11 @@ def prepare_target(stack: Stack, x: Tensor, y: Tensor, caller: str) -> Tensor:
         raise TypeError(f"{caller}: x must be a dense tensor, got "
                         f"{x.layout if isinstance(x, Tensor) else type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != first.shape[1]:
-        raise ValueError(f"{caller}: x must have shape (N, {first.shape[1]}) (a stack takes a batch "
-                         f"of rows, 2-D), got {tuple(x.shape)}")
+        raise ValueError(f"{caller}: x must have shape (N, {first.shape[1]}) (a stack takes a "
+                         f"batch of rows, 2-D), got {tuple(x.shape)}")
     if x.dtype != dtype or x.device != device:
-        raise TypeError(f"{caller}: x is {x.dtype} on {x.device} but the model is {dtype} on {device}")
+        raise TypeError(f"{caller}: x is {x.dtype} on {x.device} but the model is {dtype} on "
+                        f"{device}")
     if not isinstance(y, Tensor) or y.layout != torch.strided:
         raise TypeError(f"{caller}: y must be a dense tensor, got "
                         f"{y.layout if isinstance(y, Tensor) else type(y).__name__}")
