@@ -256,11 +256,16 @@ def _stack_layers(params: list[Tensor], has_bias: list[bool], layer_params: list
         raise ValueError(f"stack: loss is {loss}, not a Loss code")
     if reduction not in (MEAN, SUM):
         raise ValueError(f"stack: reduction must be {MEAN} (mean) or {SUM} (sum), got {reduction}")
-    layers = []
+    layers, role = [], {}  # role: param index -> (weight or bias, of the layer at index)
     for index, bias in zip(layer_params, has_bias):
         if not 0 <= index < len(params) - bias:
             raise ValueError(f"stack: layer_params holds {index}, outside the {len(params)} params")
+        for offset, kind in enumerate(("weight", "bias")[:1 + bias]):
+            if role.setdefault(index + offset, (kind, index)) != (kind, index):
+                raise ValueError(f"stack: layer_params gives params[{index + offset}] two roles")
         layers.append((params[index], params[index + 1] if bias else None))
+    if len(role) != len(params):
+        raise ValueError(f"stack: the layers use {len(role)} of the {len(params)} params")
     return layers
 
 

@@ -103,6 +103,8 @@ def describe_model(model: nn.Module) -> tuple[list[nn.Linear], list[int], list[f
     stack; ValueError for layers whose widths do not chain."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtrain: the model must be an nn.Module, got {type(model).__name__}")
+    for path, module in model.named_modules():
+        _refuse_hooks(module, path or "model")
     if type(model) is nn.Linear:  # traced, its forward would be F.linear on its own params
         steps = [_Step("model", "torch.nn.Linear", linear=model)]
     else:
@@ -145,8 +147,8 @@ def _chain(model: nn.Module) -> list[_Step]:
     while True:
         users = list(current.users)
         if len(users) != 1:
-            used_by = ", ".join(f"'{_label(model, user)}'" for user in users) or "nothing"
-            raise TypeError(f"fusedtrain: the model's value '{_label(model, current)}' is used by "
+            used_by = ", ".join(f"'{_label(user)}'" for user in users) or "nothing"
+            raise TypeError(f"fusedtrain: the model's value '{_label(current)}' is used by "
                             f"{used_by}; a stack uses each value once; {SUPPORTED_MODELS}")
         node = users[0]
         if node.op == "output":
@@ -155,7 +157,7 @@ def _chain(model: nn.Module) -> list[_Step]:
                                 f"output tensor itself, not {node.args[0]!r}; {SUPPORTED_MODELS}")
             break
         if not node.args or node.args[0] is not current or node.all_input_nodes != [current]:
-            raise _unsupported(_label(model, node), _what(model, node),
+            raise _unsupported(_label(node), _what(model, node),
                                "takes other values than the one before it")
         step = _step(model, node)
         if step is not None:
@@ -164,14 +166,14 @@ def _chain(model: nn.Module) -> list[_Step]:
         current = node
     for node in graph.nodes:
         if node.op != "output" and node not in on_chain:
-            raise _unsupported(_label(model, node), _what(model, node),
+            raise _unsupported(_label(node), _what(model, node),
                                "is not on the chain from the input to the output")
     return steps
 
 
 def _step(model: nn.Module, node: torch.fx.Node) -> _Step | None:
     """The chain step of a node (None for nn.Identity); TypeError if it is none."""
-    name, what = _label(model, node), _what(model, node)
+    name, what = _label(node), _what(model, node)
     activation = None
     if node.op == "call_module":
         module = model.get_submodule(node.target)
@@ -187,6 +189,14 @@ def _step(model: nn.Module, node: torch.fx.Node) -> _Step | None:
     if activation is None:
         raise _unsupported(name, what)
     return _Step(name, what, code=activation[0], param=activation[1])
+
+
+def _refuse_hooks(module: nn.Module, name: str) -> None:
+    """Hooks would not run in the fused ops: refused, not dropped silently."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
+        raise TypeError(f"fusedtrain: the model's module '{name}' has hooks, which a fused stack "
+                        "would not run; remove them to fuse the model")
 
 
 def _gelu_code(approximate) -> int | None:
@@ -236,7 +246,7 @@ _METHOD_ACTIVATIONS = {"relu": Activation.RELU, "relu_": Activation.RELU, "tanh"
                        "sigmoid_": Activation.SIGMOID}
 
 
-def _label(model: nn.Module, node: torch.fx.Node) -> str:
+def _label(node: torch.fx.Node) -> str:
     """A node as the user knows it: a submodule's path ('fc1', 'net.2'), else the node's name."""
     return node.target if node.op == "call_module" else node.name
 
@@ -251,7 +261,10 @@ def _what(model: nn.Module, node: torch.fx.Node) -> str:
     if node.op == "call_module":
         return _class_name(type(model.get_submodule(node.target)))
     if node.op == "call_function":
-        return f"{getattr(node.target, '__module__', None) or 'torch'}.{node.target.__name__}"
+        name = getattr(node.target, "__name__", None)
+        if name is None:
+            return repr(node.target)
+        return f"{getattr(node.target, '__module__', None) or 'torch'}.{name}"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     if node.op == "get_attr":

@@ -243,6 +243,13 @@ class Tied(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def _hooked(where):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    module = model if where == "root" else model[int(where)]
+    module.register_forward_hook(lambda module, inputs, output: output * 2)
+    return model
+
+
 def _dropout_in_eval():
     return nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1)).eval()
 
@@ -272,6 +279,9 @@ BAD_MODELS = [
     ("a Linear subclass", lambda: nn.Sequential(MyLinear(3, 4)), TypeError,
      "node 'linear' (torch._C._nn.linear)"),
     ("tied weights", Tied, TypeError, "layers 'a' and 'b' share a Parameter"),
+    ("a hooked layer", lambda: _hooked("0"), TypeError, "module '0' has hooks"),
+    ("a hooked activation", lambda: _hooked("1"), TypeError, "module '1' has hooks"),
+    ("a hooked model", lambda: _hooked("root"), TypeError, "module 'model' has hooks"),
     ("no Linear", nn.Sequential, TypeError, "has no nn.Linear layer"),
     ("only Identity", nn.Identity, TypeError, "has no nn.Linear layer"),
     ("mismatched widths", lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 1)),
@@ -661,6 +671,8 @@ def test_the_reference_records_no_autograd_graph():
 @pytest.mark.parametrize("change,message", [
     (dict(activations=[0]), "activations has 1 entries for 2 layers"),
     (dict(layer_params=[0, 5]), "layer_params holds 5, outside the 4 params"),
+    (dict(layer_params=[0, 1]), "layer_params gives params[1] two roles"),
+    (dict(layer_params=[0, 0]), "the layers use 2 of the 4 params"),
     (dict(activations=[0, 9]), "activations holds 9, not an Activation code"),
     (dict(loss=6), "loss is 6, not a Loss code"),
     (dict(reduction=0), "reduction must be 1 (mean) or 2 (sum), got 0"),
