@@ -45,6 +45,24 @@ def test_compiled_kernels_on_cuda_match_reference():
     _run_checks("grid", "float32", "float64", device="cuda")
     _run_checks("tiles", "float32", "float64", device="cuda")
     _run_checks("edges", device="cuda")
+    _run_checks("wide", "float32", device="cuda")
+
+
+@pytest.mark.parametrize("n,n_in,n_out", [(4, 3_000_000, 16), (100_000, 2_200_000, 1),
+                                          (1_000, 8, 5_000_000)])
+def test_grids_stay_on_axis_0_within_its_limit(n, n_in, n_out):
+    """The grids of problems whose in blocks (or out blocks) alone pass the 65,535 programs that
+    CUDA allows on grid axes 1 and 2: one axis, at most 2^31 - 1 programs. (The interpreter
+    would take many minutes over such a grid; a GPU runs one in test_compiled_kernels_on_cuda.)"""
+    from fusedtrain.triton import linear_mse
+
+    tiling = linear_mse._tiling(n, n_in, n_out, torch.device("cpu"))
+    assert max(tiling.in_blocks, tiling.out_blocks) > 65_535
+    for grid in (tiling.forward_grid, tiling.grad_params_grid, tiling.grad_x_grid):
+        assert len(grid) == 1 and 1 <= grid[0] <= 2**31 - 1, grid
+    assert tiling.forward_grid[0] == tiling.row_blocks * tiling.out_blocks
+    assert tiling.grad_params_grid[0] == tiling.out_blocks * tiling.in_blocks * tiling.splits
+    assert tiling.grad_x_grid[0] == tiling.row_blocks * tiling.in_blocks
 
 
 # ---- The checks, run in the subprocess ------------------------------------------------------
@@ -190,13 +208,34 @@ def _check_edges(device: str) -> None:
     print("refused inputs: ok")
 
 
+def _check_wide(dtype: torch.dtype, device: str) -> None:
+    """in > 65,535 * 32 with 32-wide in blocks (more programs than grid axes 1 and 2 allow), a
+    few rows: every gradient against the reference, computed on the device in fp64."""
+    from fusedtrain import reference
+    from fusedtrain.triton import linear_mse, linear_mse_fwd_bwd
+
+    linear_mse.MAX_BLOCK_K = 32
+    n, n_in, n_out = 5, 65_535 * 32 + 1000, 3
+    for has_bias in (True, False):
+        args = _inputs(n, n_in, n_out, has_bias, dtype, device, 11)
+        got = linear_mse_fwd_bwd(*args, 1, True, True)
+        want = reference.linear_mse_fwd_bwd(*[None if t is None else t.double() for t in args],
+                                            1, True, True)
+        for name, g, w in zip(("loss", "grad_weight", "grad_bias", "grad_x"), got, want):
+            if w.numel():
+                err = _rel_err(g, w)
+                assert err <= TOLERANCE[dtype], f"in={n_in} bias={has_bias} {name}: {err:.3g}"
+    print(f"wide {dtype}: in={n_in} ok")
+
+
 def _main(device: str, what: str, *dtypes: str) -> None:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     assert interpret == (device == "cpu"), "CPU tensors need TRITON_INTERPRET=1, CUDA ones not"
     if what == "edges":
         _check_edges(device)
     for dtype in dtypes:
-        {"grid": _check_grid, "tiles": _check_tiles}[what](DTYPES[dtype], device)
+        {"grid": _check_grid, "tiles": _check_tiles, "wide": _check_wide}[what](DTYPES[dtype],
+                                                                              device)
 
 
 if __name__ == "__main__":

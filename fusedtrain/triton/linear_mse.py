@@ -14,21 +14,25 @@ with R = N * out under "mean" and 1 under "sum".
 
 Design: up to three launches, all on the tensors' device, no host synchronization.
 
-* _forward_kernel, grid (row blocks, out blocks): program (i, j) computes the (BLOCK_N, BLOCK_O)
+* _forward_kernel, one program per (row block, out block): program (i, j) computes the (BLOCK_N, BLOCK_O)
   tile of pred with tl.dot over BLOCK_K-wide slices of `in`, adds the bias, subtracts the target,
   writes its partial sum of r^2 to a small buffer (one value per program) and, if a gradient is
   asked for, g = (2 / R) r to an (N, out) buffer in the compute dtype. The host sums the partials
   with torch.sum in fp64 (a device-side reduction, not a sync) and divides by R, as the C++ op
   does with its double loss_sum. The loss-only call stores no g.
-* _grad_params_kernel, grid (out blocks, in blocks, splits): grad_W = g^T x, a reduction over
+* _grad_params_kernel, one program per (out block, in block, split): grad_W = g^T x, a reduction over
   N: each program owns a (BLOCK_O, BLOCK_K) tile of grad_W and loops over its split's rows in
   BLOCK_N steps, tl.dot into an accumulator; the programs of the first in-block also sum the
   columns of g for grad_b. With one split the tiles are stored into grad_W and grad_b directly;
   for tall, narrow problems (few tiles, many rows) the rows are split so that about MIN_PROGRAMS
   programs run, each stores its partial tile to a (splits, out, in) buffer, and torch.sum over
   the splits finishes. No atomics: the result is deterministic.
-* _grad_x_kernel, grid (row blocks, in blocks), only with need_grad_x: grad_x = g W, tl.dot over
-  BLOCK_O-wide slices of `out`.
+* _grad_x_kernel, one program per (row block, in block), only with need_grad_x: grad_x = g W,
+  tl.dot over BLOCK_O-wide slices of `out`.
+
+Every grid is flattened onto axis 0, where CUDA allows 2^31 - 1 programs, and each program finds
+its tile from its index: axes 1 and 2 allow only 65,535, which the in blocks alone pass at
+in > 65,535 * BLOCK_K (about 2.1M with 32-wide blocks). _tiling sizes the grids.
 
 Unlike the C++ CPU kernel, which never stores the prediction, g makes a round trip through
 memory (N * out values): on a GPU, recomputing it in each gradient kernel would cost more than
@@ -56,7 +60,7 @@ Under the interpreter (TRITON_INTERPRET=1) the same kernels run on CPU tensors w
 
 from __future__ import annotations
 
-import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,6 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedtrain.reference import MEAN, SUM
+from fusedtrain.triton._device import device_guard
 
 # Upper bounds on the tile sizes (powers of two, at least 16). Read at each call, so tests may
 # shrink them to make small problems span several tiles.
@@ -94,8 +99,9 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, partial_ptr,
                     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # Formulas: csrc/include/fusedtrain/linear_mse_math.h (pred, residual, loss, mse_grad).
     DTYPE: tl.constexpr = partial_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_n = pid // tl.cdiv(n_out, BLOCK_O)
+    pid_o = pid % tl.cdiv(n_out, BLOCK_O)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -120,7 +126,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, partial_ptr,
                 other=0.0)
     r = tl.where(mask, pred - y, 0.0)
     loss_sum = tl.sum(tl.sum(r * r, axis=1), axis=0)
-    tl.store(partial_ptr + pid_n * tl.num_programs(1) + pid_o, loss_sum)
+    tl.store(partial_ptr + pid, loss_sum)  # partials[pid_n, pid_o]
     if STORE_G:
         g = _two_over_count(count, DTYPE) * r
         tl.store(g_ptr + rows[:, None] * n_out + cols[None, :], g, mask=mask)
@@ -134,9 +140,13 @@ def _grad_params_kernel(g_ptr, x_ptr, gw_ptr, gb_ptr,
     # grad_W[cols, ks] (+)= g[rows, cols]^T @ x[rows, ks] over this split's rows;
     # grad_b[cols] (+)= sum over rows of g[rows, cols] (programs of the first in-block only).
     DTYPE: tl.constexpr = gw_ptr.dtype.element_ty
-    pid_o = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    split = tl.program_id(2)
+    # At least one in-block, so that grad_bias is computed even when in == 0.
+    k_blocks = tl.maximum(tl.cdiv(n_in, BLOCK_K), 1)
+    tiles = tl.cdiv(n_out, BLOCK_O) * k_blocks
+    pid = tl.program_id(0)
+    split = pid // tiles
+    pid_o = pid % tiles // k_blocks
+    pid_k = pid % k_blocks
     cols = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < n_out
@@ -170,8 +180,9 @@ def _grad_x_kernel(g_ptr, w_ptr, gx_ptr, n, n_in, n_out, stride_wo, stride_wk,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # grad_x[rows, ks] = g[rows, :] @ W[:, ks], BLOCK_O columns of g at a time.
     DTYPE: tl.constexpr = gx_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_n = pid // tl.cdiv(n_in, BLOCK_K)
+    pid_k = pid % tl.cdiv(n_in, BLOCK_K)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     os = tl.arange(0, BLOCK_O).to(tl.int64)
@@ -208,6 +219,48 @@ def _min_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+# The most programs a grid may have: CUDA's limit on grid axis 0.
+_MAX_PROGRAMS = 2**31 - 1
+
+
+class _Tiling(NamedTuple):
+    """The tile sizes and the flattened grids of a call."""
+
+    block_n: int
+    block_o: int
+    block_k: int
+    row_blocks: int
+    out_blocks: int
+    in_blocks: int
+    splits: int           # _grad_params_kernel's row splits
+    rows_per_split: int
+    forward_grid: tuple[int]
+    grad_params_grid: tuple[int]
+    grad_x_grid: tuple[int]
+
+
+def _tiling(n: int, n_in: int, n_out: int, device: torch.device) -> _Tiling:
+    """Tiles for x (n, n_in) and weight (n_out, n_in): the kernels' grids, each on axis 0 only
+    (see the module's docstring) and within its limit."""
+    block_n = _block(n, MAX_BLOCK_N)
+    block_o = _block(n_out, MAX_BLOCK_O)
+    block_k = _block(n_in, MAX_BLOCK_K)
+    row_blocks = triton.cdiv(n, block_n)
+    out_blocks = triton.cdiv(n_out, block_o)
+    in_blocks = triton.cdiv(n_in, block_k)
+    # At least one in-block, so that grad_bias is computed even when in == 0.
+    tiles = out_blocks * max(in_blocks, 1)
+    splits = max(1, min(row_blocks, triton.cdiv(_min_programs(device), max(tiles, 1))))
+    rows_per_split = max(1, triton.cdiv(row_blocks, splits)) * block_n
+    splits = max(1, triton.cdiv(n, rows_per_split))  # none empty
+    grids = ((row_blocks * out_blocks,), (tiles * splits,), (row_blocks * in_blocks,))
+    if max(programs for (programs,) in grids) > _MAX_PROGRAMS:
+        raise ValueError(f"linear_mse_fwd_bwd: x of shape ({n}, {n_in}) with {n_out} outputs "
+                         f"needs more than {_MAX_PROGRAMS} tiles")
+    return _Tiling(block_n, block_o, block_k, row_blocks, out_blocks, in_blocks, splits,
+                   rows_per_split, *grids)
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
@@ -259,35 +312,29 @@ def linear_mse_fwd_bwd(
     device = x.device
     has_bias = bias is not None
     need_g = need_grad_x or need_grad_params
-    block_n = _block(n, MAX_BLOCK_N)
-    block_o = _block(n_out, MAX_BLOCK_O)
-    block_k = _block(n_in, MAX_BLOCK_K)
-    row_blocks = triton.cdiv(n, block_n)
-    out_blocks = triton.cdiv(n_out, block_o)
-    in_blocks = triton.cdiv(n_in, block_k)
+    tiling = _tiling(n, n_in, n_out, device)
+    blocks = dict(BLOCK_N=tiling.block_n, BLOCK_O=tiling.block_o, BLOCK_K=tiling.block_k)
     options = dict(num_warps=_NUM_WARPS, enable_fp_fusion=False)
 
-    grad_weight = torch.empty((n_out, n_in), dtype=dtype, device=device) if need_grad_params \
-        else x.new_empty(0)
-    grad_bias = torch.empty((n_out,), dtype=dtype, device=device) if need_grad_params and has_bias \
-        else x.new_empty(0)
-    grad_x = torch.empty((n, n_in), dtype=dtype, device=device) if need_grad_x else x.new_empty(0)
-
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        partials = torch.empty((row_blocks, out_blocks), dtype=dtype, device=device)
+    with device_guard(device):
+        grad_weight = torch.empty((n_out, n_in), dtype=dtype, device=device) if need_grad_params \
+            else x.new_empty(0)
+        grad_bias = torch.empty((n_out,), dtype=dtype, device=device) \
+            if need_grad_params and has_bias else x.new_empty(0)
+        grad_x = torch.empty((n, n_in), dtype=dtype, device=device) if need_grad_x \
+            else x.new_empty(0)
+        partials = torch.empty((tiling.row_blocks, tiling.out_blocks), dtype=dtype, device=device)
         g = torch.empty((n, n_out), dtype=dtype, device=device) if need_g else partials
         if n > 0 and n_out > 0:
             # Empty tensors (in == 0) may have a null data pointer: the kernels get a non-empty
             # stand-in, which their masks keep them from reading or writing.
-            _forward_kernel[(row_blocks, out_blocks)](
+            _forward_kernel[tiling.forward_grid](
                 _arg(x, partials), _arg(weight, partials), bias if has_bias else partials,
                 target, g, partials,
                 n, n_in, n_out, count,
                 x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                 bias.stride(0) if has_bias else 0, target.stride(0), target.stride(1),
-                HAS_BIAS=has_bias, STORE_G=need_g,
-                BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k, **options)
+                HAS_BIAS=has_bias, STORE_G=need_g, **blocks, **options)
         # Summed in fp64, as the C++ op sums its loss in double; N * out == 0 under "mean" is
         # 0 / 0 = NaN, as there.
         loss = (partials.sum(dtype=torch.float64) / count).to(dtype)
@@ -296,21 +343,17 @@ def linear_mse_fwd_bwd(
             grad_weight.zero_()
             grad_bias.zero_()
         elif need_grad_params and n_out > 0:
-            # At least one in-block, so that grad_bias is computed even when in == 0.
-            tiles = out_blocks * max(in_blocks, 1)
-            splits = max(1, min(row_blocks, triton.cdiv(_min_programs(device), tiles)))
-            rows_per_split = triton.cdiv(row_blocks, splits) * block_n
-            splits = triton.cdiv(n, rows_per_split)  # none empty
-            if splits == 1:
+            if tiling.splits == 1:
                 gw, gb = grad_weight, grad_bias
             else:
-                gw = torch.empty((splits, n_out, n_in), dtype=dtype, device=device)
-                gb = torch.empty((splits, n_out), dtype=dtype, device=device) if has_bias else g
-            _grad_params_kernel[(out_blocks, max(in_blocks, 1), splits)](
+                gw = torch.empty((tiling.splits, n_out, n_in), dtype=dtype, device=device)
+                gb = torch.empty((tiling.splits, n_out), dtype=dtype, device=device) if has_bias \
+                    else g
+            _grad_params_kernel[tiling.grad_params_grid](
                 g, _arg(x, g), _arg(gw, g), gb if has_bias else g,
-                n, n_in, n_out, rows_per_split, x.stride(0), x.stride(1),
-                HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k, **options)
-            if splits > 1:
+                n, n_in, n_out, tiling.rows_per_split, x.stride(0), x.stride(1),
+                HAS_BIAS=has_bias, **blocks, **options)
+            if tiling.splits > 1:
                 torch.sum(gw, dim=0, out=grad_weight)
                 if has_bias:
                     torch.sum(gb, dim=0, out=grad_bias)
@@ -318,7 +361,7 @@ def linear_mse_fwd_bwd(
         if need_grad_x and n > 0 and n_in > 0 and n_out == 0:
             grad_x.zero_()
         elif need_grad_x and n > 0 and n_in > 0:
-            _grad_x_kernel[(row_blocks, in_blocks)](
+            _grad_x_kernel[tiling.grad_x_grid](
                 g, weight, grad_x, n, n_in, n_out, weight.stride(0), weight.stride(1),
-                BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_K=block_k, **options)
+                **blocks, **options)
     return loss, grad_weight, grad_bias, grad_x
