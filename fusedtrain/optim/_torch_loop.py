@@ -121,6 +121,6 @@ def _unscaled_grads(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> l
     if grad_scale is not None:
         scale = grad_scale.item()
         with torch.no_grad():
-            for g in grads:
+            for g in {id(g): g for g in grads}.values():  # once each: a param may be listed twice
                 g.div_(scale)
     return grads
