@@ -9,6 +9,7 @@
 #include "cpu/linear_mse_cpu.h"
 #include "cpu/linear_mse_fit.h"
 #include "cpu/optim_cpu.h"
+#include "optim_python.h"
 
 namespace fusedtrain {
 // The digest of the csrc/ this build compiled, defined in a file that the build generates
@@ -56,42 +57,51 @@ TORCH_LIBRARY(fusedtrain, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The CPU kernels without the dispatcher, for eager steps (see cpu/optim_cpu.h). Like
-  // torch's fused optimizers they leave the tensors' version counters alone.
-  // pybind11 converts Python lists to std::vector, not to the kernels' at::TensorList views.
+  // torch's fused optimizers they leave the tensors' version counters alone. The lists are
+  // borrowed from Python (see BorrowedTensors), the kernel runs without the GIL.
+  using fusedtrain::BorrowedTensors;
   using Tensors = std::vector<at::Tensor>;
   using OptionalTensor = std::optional<at::Tensor>;
   m.def(
       "adam_step_cpu",
-      [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-         const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
-         double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-         bool amsgrad, bool maximize, const OptionalTensor& grad_scale,
-         const OptionalTensor& found_inf, const OptionalTensor& lr_tensor) {
-        fusedtrain::cpu::adam_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                       steps, lr, beta1, beta2, eps, weight_decay, decoupled,
+      [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+         py::handle max_exp_avg_sqs, py::handle steps, double lr, double beta1, double beta2,
+         double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+         const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+         const OptionalTensor& lr_tensor) {
+        constexpr const char* kName = "adam_step_cpu";
+        const BorrowedTensors p(params, kName, "params"), g(grads, kName, "grads"),
+            m1(exp_avgs, kName, "exp_avgs"), m2(exp_avg_sqs, kName, "exp_avg_sqs"),
+            m2_max(max_exp_avg_sqs, kName, "max_exp_avg_sqs"), s(steps, kName, "steps");
+        py::gil_scoped_release release;
+        fusedtrain::cpu::adam_step_cpu(p.list(), g.list(), m1.list(), m2.list(), m2_max.list(),
+                                       s.list(), lr, beta1, beta2, eps, weight_decay, decoupled,
                                        amsgrad, maximize, grad_scale, found_inf, lr_tensor);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
       py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"),
       py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale") = py::none(),
-      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none(),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none());
   m.def(
       "sgd_step_cpu",
-      [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers, double lr,
+      [](py::handle params, py::handle grads, py::handle momentum_buffers, double lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
          bool first_step, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
          const OptionalTensor& lr_tensor) {
-        fusedtrain::cpu::sgd_step_cpu(params, grads, momentum_buffers, lr, momentum, dampening,
+        constexpr const char* kName = "sgd_step_cpu";
+        const BorrowedTensors p(params, kName, "params"), g(grads, kName, "grads"),
+            b(momentum_buffers, kName, "momentum_buffers");
+        py::gil_scoped_release release;
+        fusedtrain::cpu::sgd_step_cpu(p.list(), g.list(), b.list(), lr, momentum, dampening,
                                       weight_decay, nesterov, maximize, first_step, grad_scale,
                                       found_inf, lr_tensor);
       },
       py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"),
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("maximize"), py::arg("first_step"), py::arg("grad_scale") = py::none(),
-      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none(),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("found_inf") = py::none(), py::arg("lr_tensor") = py::none());
+  fusedtrain::bind_step_plan_checks(m);
   m.def("linear_mse_fwd_bwd_cpu", &fusedtrain::cpu::linear_mse_fwd_bwd_cpu,
         py::call_guard<py::gil_scoped_release>());
   py::class_<fusedtrain::cpu::FitOptimizer>(m, "FitOptimizer",

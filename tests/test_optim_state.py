@@ -1,6 +1,7 @@
 """State and the torch.optim API around step(): state_dict both ways mid-training, LR
 schedulers, GradScaler, printing and deepcopy."""
 
+import collections
 import copy
 
 import pytest
@@ -152,3 +153,162 @@ def test_repr_and_deepcopy(name):
         torch.testing.assert_close(twin.state_dict()["state"][0][key], value)
     twin_state = twin.state_dict()["state"][0]
     assert all(t.data_ptr() != o.data_ptr() for t, o in zip(twin_state.values(), opt.state_dict()["state"][0].values()))
+
+
+# -- optimizer.state changed between steps: the next step reads and writes what it holds then, as
+# torch.optim does (the cached plans of the fused step must not keep the old tensors).
+
+def assert_same_state(torch_opt, fused_opt):
+    want, got = torch_opt.state_dict(), fused_opt.state_dict()
+    for groups in (want["param_groups"], got["param_groups"]):
+        for group in groups:
+            del group["foreach"]  # False for the torch.optim for-loop compared against
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys()
+    for index, entries in want["state"].items():
+        assert got["state"][index].keys() == entries.keys(), index
+        for key, value in entries.items():
+            torch.testing.assert_close(got["state"][index][key], value, msg=f"{index} {key}")
+
+
+def train_changing_state(name, change, steps=3, params=None):
+    """`steps` steps of torch.optim and fusedtrain side by side, `change(optimizer, params)` on
+    both, `steps` more: the params and the state (as state_dict shows it) agree throughout."""
+    kwargs = CONFIGS[name]
+    torch_params = params if params is not None else make_params(torch.float32, seed=50)
+    fused_params = clone_params(torch_params)
+    torch_opt = getattr(torch.optim, name)(torch_params, foreach=False, **kwargs)
+    fused_opt = getattr(fusedtrain.optim, name)(fused_params, **kwargs)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, steps, seed=51)
+    change(torch_opt, torch_params)
+    change(fused_opt, fused_params)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, steps, seed=52)
+    for a, b in zip(torch_params, fused_params):
+        torch.testing.assert_close(b, a)
+    assert_same_state(torch_opt, fused_opt)
+    return torch_opt, fused_opt, torch_params, fused_params
+
+
+STATE_KEYS = {"Adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"], "AdamW": ["exp_avg", "step"],
+              "SGD": ["momentum_buffer"]}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_state_cleared(name):
+    train_changing_state(name, lambda opt, params: opt.state.clear())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_state_reassigned(name):
+    def reassign(opt, params):
+        opt.state = collections.defaultdict(dict)
+
+    train_changing_state(name, reassign)
+
+
+@pytest.mark.parametrize("name,key", [(name, key) for name in CONFIGS for key in STATE_KEYS[name]])
+def test_state_tensor_replaced(name, key):
+    """A state tensor replaced by hand (a one-element 'step' too, which compares equal to the old
+    one by value): the step updates the new one, the old one is left alone."""
+    replaced = []
+
+    def replace(opt, params):
+        old = opt.state[params[0]][key]
+        new = torch.full_like(old, 100.0 if key == "step" else 0.125)
+        opt.state[params[0]][key] = new
+        replaced.append((old, old.clone()))
+
+    train_changing_state(name, replace)
+    (torch_old, torch_before), (fused_old, fused_before) = replaced
+    assert torch.equal(torch_old, torch_before) and torch.equal(fused_old, fused_before)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_per_param_state_replaced_and_deleted(name):
+    def change(opt, params):
+        opt.state[params[0]] = {key: value.clone() for key, value in opt.state[params[0]].items()}
+        del opt.state[params[1]]
+
+    train_changing_state(name, change)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_state_added_for_a_param_without_state(name):
+    """A param without a gradient (and so without state) gets state by hand, then a gradient."""
+    params = make_params(torch.float32, seed=53)
+    late = [torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(54)))]
+    torch_params, fused_params = params + late, clone_params(params + late)
+    kwargs = CONFIGS[name]
+    torch_opt = getattr(torch.optim, name)(torch_params, foreach=False, **kwargs)
+    fused_opt = getattr(fusedtrain.optim, name)(fused_params, **kwargs)
+    train_side_by_side(torch_opt, fused_opt, torch_params[:-1], fused_params[:-1], 3, seed=55)
+    for opt, p in ((torch_opt, torch_params[-1]), (fused_opt, fused_params[-1])):
+        assert not opt.state[p]
+        opt.state[p].update(
+            {"momentum_buffer": torch.full_like(p, 0.5)} if name == "SGD" else
+            {"step": torch.tensor(4.0), "exp_avg": torch.full_like(p, 0.5), "exp_avg_sq": torch.full_like(p, 0.25),
+             **({"max_exp_avg_sq": torch.full_like(p, 0.25)} if kwargs.get("amsgrad") else {})})
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 3, seed=56)
+    for a, b in zip(torch_params, fused_params):
+        torch.testing.assert_close(b, a)
+    assert_same_state(torch_opt, fused_opt)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_load_state_dict_of_an_earlier_step_mid_training(name):
+    saved = {}
+
+    def rewind(opt, params):
+        opt.load_state_dict(saved[id(opt)])
+
+    kwargs = CONFIGS[name]
+    torch_params = make_params(torch.float32, seed=57)
+    fused_params = clone_params(torch_params)
+    torch_opt = getattr(torch.optim, name)(torch_params, foreach=False, **kwargs)
+    fused_opt = getattr(fusedtrain.optim, name)(fused_params, **kwargs)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 2, seed=58)
+    for opt in (torch_opt, fused_opt):
+        saved[id(opt)] = copy.deepcopy(opt.state_dict())
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 2, seed=59)
+    for opt, params in ((torch_opt, torch_params), (fused_opt, fused_params)):
+        rewind(opt, params)
+    train_side_by_side(torch_opt, fused_opt, torch_params, fused_params, 3, seed=60)
+    for a, b in zip(torch_params, fused_params):
+        torch.testing.assert_close(b, a)
+    assert_same_state(torch_opt, fused_opt)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_param_group_added_mid_training(name):
+    extra = make_params(torch.float32, seed=61, shapes=[(4, 5), (7,)])
+    copies = {}
+
+    def add_group(opt, params):
+        new = extra if not copies else clone_params(extra)
+        copies[id(opt)] = new
+        opt.add_param_group({"params": new, "lr": 0.05})
+        params.extend(new)
+
+    train_changing_state(name, add_group)
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adam", "step"), ("SGD", "momentum_buffer")])
+def test_replaced_state_tensor_that_does_not_fit_is_refused_before_any_change(name, key):
+    params = make_params(torch.float32, seed=62)
+    opt = getattr(fusedtrain.optim, name)([{"params": params[:2]}, {"params": params[2:]}], **CONFIGS[name])
+    g = torch.Generator().manual_seed(63)
+    for _ in range(2):
+        set_random_grads([params], g)
+        opt.step()
+    opt.state[params[3]][key] = torch.zeros(2) if key != "step" else torch.tensor([1.0, 2.0])
+    before = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
+    set_random_grads([params], g)
+    message = (r"state\['step'\] of param 1 of param group 1 must be a one-element" if key == "step" else
+               rf"state\['{key}'\] of param 1 of param group 1 has shape \(2,\)")
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    for p, value in zip(params, before[0]):
+        assert torch.equal(p.detach(), value)
+    for index, entries in before[1]["state"].items():
+        for k, value in entries.items():
+            assert torch.equal(opt.state_dict()["state"][index][k], value), (index, k)

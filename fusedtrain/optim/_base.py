@@ -4,15 +4,58 @@ _torch_loop)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from fusedtrain import _dispatch
+from fusedtrain import _dispatch, _extension
 from fusedtrain.optim import _common, _dtensor
+
+
+class PlannedState(NamedTuple):
+    """The optimizer state that a plan's kernel calls hold: dicts[i][keys[k]] is
+    tensors[i * len(keys) + k], where dicts[i] is optimizer.state[param] of the plan's i-th param."""
+
+    dicts: list[dict]
+    keys: tuple[str, ...]
+    tensors: list[Tensor]
+
+
+NO_STATE = PlannedState([], (), [])
+
+
+class GroupPlan(NamedTuple):
+    """A param group's step as the subclass planned it (`calls`, see _make_plan), with what it was
+    planned from, which the step compares at C speed before using it again."""
+
+    group: dict  # the group it steps (plans are looked up by id(group))
+    params: list[Tensor]  # a copy of group["params"]
+    with_grad: list[Tensor]  # those that had a gradient: the params the calls update, in order
+    without_grad: list[Tensor]
+    flags: tuple  # (differentiable, *_plan_flags(group))
+    state: PlannedState
+    calls: object
+
+    def current_grads(self, optimizer: MultiTensorOptimizer, group: dict) -> list[Tensor] | None:
+        """The gradients of with_grad if the plan still holds, else None: the group, its params,
+        its flags and the planned state tensors are the same objects, the same params have a
+        gradient and each gradient is one the kernels take as it is (see _C.step_grads).
+        Whether optimizer.state still maps each param to the same per-param dict is the
+        optimizer's check (see _state_unchanged)."""
+        if (self.group is not group or self.flags != optimizer._flags(group)
+                or not _CHECKS.same_objects(group["params"], self.params)
+                or not _CHECKS.entries_are(*self.state)):
+            return None
+        return _CHECKS.step_grads(self.with_grad, self.without_grad)
+
+
+# The C-speed checks of cached plans. Without the compiled extension every step plans anew: the
+# reference path that then runs costs far more anyway.
+_CHECKS = _extension._C if _extension.native_available() else None
 
 
 class MultiTensorOptimizer(Optimizer):
@@ -20,9 +63,17 @@ class MultiTensorOptimizer(Optimizer):
 
     Subclasses provide `_check_state` (validate existing per-param state, mutating nothing),
     `_make_plan` (create missing state and gather the tensor lists of a group's kernel calls)
-    and `_run_plan` (make those calls). Plans are cached: a step over many small tensors is
-    dominated by Python bookkeeping otherwise. A plan is rebuilt when the set of params with a
-    gradient changes, and all plans are dropped when state comes in through load_state_dict.
+    and `_run_plan` (make those calls with the step's gradients).
+
+    Plans are cached: gathering the lists costs more than the kernel for many small tensors. A
+    step reads and writes the tensors that optimizer.state holds at that moment, so a cached plan
+    is used only while all it was built from is unchanged: the group and its params, which of
+    them have a gradient (dense, fitting its param), the flags that decide its state tensors,
+    the tensors themselves in each per-param state dict, the per-param dicts in optimizer.state
+    and optimizer.state itself (whatever replaced, cleared or added them: load_state_dict, a
+    tensor put in by hand, state.clear()). Checking that takes a few C loops per step (see
+    GroupPlan.current_grads); anything else plans the group anew, with the full checks of its
+    params and existing state before any group is stepped.
     """
 
     def __init__(self, params, defaults: dict, backend: str) -> None:
@@ -33,10 +84,9 @@ class MultiTensorOptimizer(Optimizer):
     def _reset_step_caches(self) -> None:
         # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
-        # State this optimizer created is right by construction; state that came in through
-        # load_state_dict (or unpickling) is checked in full once, at the next step.
-        self._state_needs_check = True
-        self._plans: dict[int, tuple[tuple, object]] = {}
+        self._plans: dict[int, GroupPlan] = {}
+        # (optimizer.state, its keys, its values, FUSEDTRAIN_BACKEND) when plans were last made.
+        self._state_seen: tuple = (None, [], [], None)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "backend": self.backend}
@@ -57,63 +107,96 @@ class MultiTensorOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every group before the first kernel runs, so a bad group mutates nothing.
         self._check_graph_capture()
-        name = type(self).__name__
-        updates = [_common.params_with_grad(name, group, self._takes_sparse_grads) for group in self.param_groups]
-        if self._state_needs_check:
-            for index, group in enumerate(self.param_groups):
-                self._check_state(index, group)
-            self._state_needs_check = False
-        # A group whose plan is rebuilt (first step, or another set of params with a gradient) has
-        # its params checked here, for all groups at once: the op checks only its own call, and
-        # an earlier group's call would already have run. Cached plans skip it, as it costs as
-        # much as the step for small tensors. Groups that torch's for-loop steps (see _torch_loop)
-        # are checked at every step.
-        plans = []  # per group: (key, cached plan or None), TORCH_LOOP, or None without params to update
-        for index, (group, (params, sparse)) in enumerate(zip(self.param_groups, updates)):
-            if not params:
-                plans.append(None)
-                continue
-            if sparse or group["differentiable"]:
-                _check_params_with_grad(name, index, group)
-                self._check_torch_loop(index, group)
-                plans.append(TORCH_LOOP)
-                continue
-            key = self._plan_key(group, params)
-            cached = self._plans.get(id(group))
-            if cached is None or cached[0] != key:
-                _check_params_with_grad(name, index, group)
-                _dtensor.check_grads(name, params)
-                cached = None
-                if len(set(key[0])) != len(key[0]):  # a param listed twice (never cached)
-                    self._check_torch_loop(index, group)
-                    plans.append(TORCH_LOOP)
+        # Under torch.compile nothing is cached: dynamo guards on what the traced step reads
+        # (params, gradients, state, hyperparameters), which takes the cache's place.
+        compiling = torch.compiler.is_compiling()
+        plans = self._plans if not compiling and self._state_unchanged() else {}
+        steps = []  # per group: the cached plan and the gradients to step it with, or None
+        for group in self.param_groups:
+            plan = plans.get(id(group))
+            grads = None if plan is None else plan.current_grads(self, group)
+            steps.append(None if grads is None else (plan, grads))
+        stale = [index for index, ready in enumerate(steps) if ready is None]
+        # Every group is checked before the first one is stepped, so a bad group mutates nothing.
+        planned = self._check_groups(stale) if stale else {}
+        for index, (group, ready) in enumerate(zip(self.param_groups, steps)):
+            if ready is None:
+                params = planned[index]
+                if params is TORCH_LOOP:
+                    self._forget_plan(group)
+                    # torch.optim records autograd history when its defaults say differentiable
+                    with torch.set_grad_enabled(self.defaults["differentiable"]):
+                        self._step_torch_loop(group)
                     continue
-            plans.append((key, cached))
-        for group, (params, _), planned in zip(self.param_groups, updates, plans):
-            if planned is None:
-                continue
-            if planned is TORCH_LOOP:
-                self._forget_plan(group)
-                # torch.optim records autograd history when its defaults say differentiable
-                with torch.set_grad_enabled(self.defaults["differentiable"]):
-                    self._step_torch_loop(group)
-                continue
-            key, cached = planned
-            if cached is None:
-                cached = self._plans[id(group)] = (key, self._make_plan(group, params))
-            self._run_plan(group, cached[1])
+                plan = self._plan_group(group, params)
+                if not compiling:
+                    self._plans[id(group)] = plan
+                ready = (plan, [p.grad for p in params])
+            plan, grads = ready
+            if grads:
+                self._run_plan(group, plan.calls, grads)
+        if stale and not compiling:
+            self._remember_state()
         return loss
 
-    def _plan_key(self, group: dict, params: list[Tensor]) -> tuple:
-        # Params are compared by identity: Tensor.__eq__ is elementwise.
-        return (tuple(map(id, params)), self._plan_flags(group))
+    def _check_groups(self, indices: list[int]) -> dict[int, list[Tensor] | object]:
+        """The full checks of the groups at `indices`, none of which has a plan that holds, all
+        before any group is stepped: per group, its params with a gradient, or TORCH_LOOP.
 
-    def _kernel(self, name: str, device: torch.device) -> Callable[..., None]:
-        """The op `name` of this optimizer's backend on `device`, taking DTensor params (FSDP2,
-        tensor parallelism) by their local shards."""
-        return _dtensor.on_local_shards(_dispatch.op(name, self.backend, device))
+        The ops check their own call only, and an earlier group's call would already have run;
+        so the params (and, for a plan made from it, the existing state) are checked here.
+        """
+        name = type(self).__name__
+        planned = {}
+        for index in indices:
+            group = self.param_groups[index]
+            params, sparse = _common.params_with_grad(name, group, self._takes_sparse_grads)
+            if params:
+                _check_params_with_grad(name, index, group)
+                if sparse or group["differentiable"] or len(set(map(id, params))) != len(params):
+                    # sparse SGD, differentiable=True, a param listed twice (see _torch_loop)
+                    self._check_torch_loop(index, group)
+                    params = TORCH_LOOP
+                else:
+                    _dtensor.check_grads(name, params)
+                    self._check_state(index, group)
+            planned[index] = params
+        return planned
+
+    def _plan_group(self, group: dict, params: list[Tensor]) -> GroupPlan:
+        """A new plan for `group` (creating the state its params lack); params: those with a
+        gradient."""
+        calls, state = self._make_plan(group, params) if params else (None, NO_STATE)
+        planned = set(map(id, params))
+        return GroupPlan(group, list(group["params"]), params,
+                         [p for p in group["params"] if id(p) not in planned],
+                         self._flags(group), state, calls)
+
+    def _state_unchanged(self) -> bool:
+        """Whether optimizer.state is the dict, with the same per-param dicts under the same
+        params, that the cached plans were made against (and FUSEDTRAIN_BACKEND, which picks
+        the kernels of backend "auto", the same)."""
+        state, keys, values, environment = self._state_seen
+        return (state is self.state and _CHECKS is not None
+                and _CHECKS.same_objects(state, keys) and _CHECKS.same_objects(state.values(), values)
+                and self._backend_environment() == environment)
+
+    def _remember_state(self) -> None:
+        self._state_seen = (self.state, list(self.state), list(self.state.values()),
+                            self._backend_environment())
+
+    def _backend_environment(self) -> str | None:
+        return os.environ.get("FUSEDTRAIN_BACKEND") if self.backend == "auto" else None
+
+    def _flags(self, group: dict) -> tuple:
+        return (group["differentiable"], *self._plan_flags(group))
+
+    def _kernel(self, name: str, device: torch.device, params: list[Tensor]) -> Callable[..., None]:
+        """The op `name` of this optimizer's backend on `device` for a call over `params`, taking
+        DTensor params (FSDP2, tensor parallelism) by their local shards."""
+        kernel = _dispatch.op(name, self.backend, device)
+        return _dtensor.on_local_shards(kernel) if _dtensor.has_dtensor(params) else kernel
 
     def _forget_plan(self, group: dict) -> None:
         self._plans.pop(id(group), None)
@@ -128,10 +211,14 @@ class MultiTensorOptimizer(Optimizer):
     def _check_state(self, group_index: int, group: dict) -> None:
         raise NotImplementedError
 
-    def _make_plan(self, group: dict, params: list[Tensor]):
+    def _make_plan(self, group: dict, params: list[Tensor]) -> tuple[object, PlannedState]:
+        """The kernel calls that step `params` (the group's params with a gradient; their
+        missing state is created here), and the state tensors those calls hold."""
         raise NotImplementedError
 
-    def _run_plan(self, group: dict, plan) -> None:
+    def _run_plan(self, group: dict, calls, grads: list[Tensor]) -> None:
+        """Makes the planned calls with the group's hyperparameters now; grads[i] is the
+        gradient of the plan's i-th param."""
         raise NotImplementedError
 
     # Whether the optimizer takes sparse gradients (then stepped by torch's for-loop)

@@ -34,7 +34,17 @@ def lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[float, Tenso
     """The (lr, lr_tensor) pair of an optimizer op. A tensor lr on an accelerator stays a tensor,
     read by the kernel, so a step recorded by CUDA graph capture follows later changes to it (and
     reading it on the host would wait for the device); the float is then ignored. A CPU one is
-    read here, for free."""
+    read here, for free.
+
+    Under torch.compile the lr is always a tensor (float64, on the params' device): dynamo would
+    specialize the traced step on a float argument of an op and compile it again for every value
+    an LR scheduler sets, where a tensor made from the lr is an input of one graph (after the
+    first change, dynamo traces the float symbolically, as it does for torch.optim's own
+    arithmetic on it); and a tensor lr is not read with .item(), which would break the graph."""
+    if torch.compiler.is_compiling():
+        if isinstance(lr, Tensor):
+            return 0.0, lr.to(device=device, dtype=torch.float64)
+        return 0.0, torch.tensor(lr, dtype=torch.float64, device=device)
     if isinstance(lr, Tensor) and lr.device.type != "cpu":
         return 0.0, lr.to(device)
     return as_float(lr), None
@@ -114,12 +124,20 @@ def check_step_tensor(optimizer: str, state: dict, where: str) -> None:
         )
 
 
-def group_by_device(params: list[Tensor]) -> dict[torch.device, list[int]]:
-    """Indices of `params` per device: one kernel call per device."""
-    indices: dict[torch.device, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        indices[p.device].append(i)
-    return indices
+def device_positions(params: list[Tensor], positions: list[int]) -> list[tuple[torch.device, list[int] | None]]:
+    """The kernel calls that update params[i] for i in `positions` (ascending): one per device,
+    with the positions it takes, or None for the common call that takes all of `params` in order
+    (a step then hands it its lists as they are)."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i in positions:
+        by_device[params[i].device].append(i)
+    everything = len(by_device) == 1 and len(positions) == len(params)
+    return [(device, None if everything else taken) for device, taken in by_device.items()]
+
+
+def take(values: list, positions: list[int] | None) -> list:
+    """values[i] for i in positions (see device_positions); all of them for None."""
+    return values if positions is None else [values[i] for i in positions]
 
 
 def amp_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[Tensor | None, Tensor | None]:

@@ -22,6 +22,13 @@ def _any_dtensor(tensors, dtensor: type) -> bool:
     return any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
 
 
+def has_dtensor(tensors: list[Tensor]) -> bool:
+    """Whether any of `tensors` is a DTensor: a kernel call over them then goes through
+    on_local_shards, decided once when the call is planned."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and _any_dtensor(tensors, dtensor)
+
+
 def _layout(t: Tensor, dtensor: type) -> str:
     return f"a DTensor placed as {t.placements} on {t.device_mesh}" if isinstance(t, dtensor) else "not a DTensor"
 

@@ -3,26 +3,34 @@ groups, state (keys, dtypes) and state_dict, whose step() is one fused kernel ca
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import operator
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fusedtrain.optim import _common, _torch_loop
-from fusedtrain.optim._base import MultiTensorOptimizer
+from fusedtrain.optim._base import MultiTensorOptimizer, PlannedState
 
 
 class AdamBucket(NamedTuple):
-    """The tensors of one adam_step_ call: a param group's params with a gradient, on one device."""
+    """One adam_step_ call: the params of a plan on one device, with their state."""
 
+    kernel: Callable[..., None]  # adam_step_ of the optimizer's backend on that device
     device: torch.device
+    positions: list[int] | None  # of its params among the plan's (see _common.device_positions)
     params: list[Tensor]
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor]
     steps: list[Tensor]
     has_complex: bool  # then the kernel takes real views (see _common.real_views)
+
+
+# A group's hyperparameters in adam_step_'s order, read in one call per step.
+_HYPERPARAMETERS = operator.itemgetter("lr", "betas", "eps", "weight_decay",
+                                       "decoupled_weight_decay", "amsgrad", "maximize")
 
 
 class Adam(MultiTensorOptimizer):
@@ -122,25 +130,29 @@ class Adam(MultiTensorOptimizer):
     _check_torch_loop = _torch_loop.check_adam
     _step_torch_loop = _torch_loop.step_adam
 
-    def _make_plan(self, group: dict, params: list[Tensor]) -> list[AdamBucket]:
+    def _make_plan(self, group: dict, params: list[Tensor]) -> tuple[list[AdamBucket], PlannedState]:
         amsgrad = group["amsgrad"]
         states = [self._init_state(p, amsgrad) for p in params]
         for p, state in zip(params, states):
             if p.is_cuda and state["step"].device != p.device:  # e.g. torch.optim's CPU step, loaded
                 state["step"] = state["step"].to(p.device, torch.float32)  # the kernel reads it there
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        steps, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = ([s[key] for s in states] for key in keys)
         buckets = []
-        for device, indices in _common.group_by_device(params).items():
-            bucket_states = [states[i] for i in indices]
+        for device, positions in _common.device_positions(params, range(len(params))):
+            bucket_params = _common.take(params, positions)
             buckets.append(AdamBucket(
+                self._kernel("adam_step_", device, bucket_params),
                 device,
-                [params[i] for i in indices],
-                [s["exp_avg"] for s in bucket_states],
-                [s["exp_avg_sq"] for s in bucket_states],
-                [s["max_exp_avg_sq"] for s in bucket_states] if amsgrad else [],
-                [s["step"] for s in bucket_states],
-                any(params[i].is_complex() for i in indices),
+                positions,
+                bucket_params,
+                _common.take(exp_avgs, positions),
+                _common.take(exp_avg_sqs, positions),
+                _common.take(max_exp_avg_sqs[0], positions) if amsgrad else [],
+                _common.take(steps, positions),
+                any(p.is_complex() for p in bucket_params),
             ))
-        return buckets
+        return buckets, PlannedState(states, keys, [s[key] for s in states for key in keys])
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
@@ -155,30 +167,18 @@ class Adam(MultiTensorOptimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _run_plan(self, group: dict, plan: list[AdamBucket]) -> None:
-        beta1, beta2 = group["betas"]
-        for bucket in plan:
+    def _run_plan(self, group: dict, calls: list[AdamBucket], grads: list[Tensor]) -> None:
+        lr, (beta1, beta2), eps, weight_decay, decoupled, amsgrad, maximize = _HYPERPARAMETERS(group)
+        beta1, beta2 = _common.as_float(beta1), _common.as_float(beta2)
+        for bucket in calls:
             grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
-            lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
-            updated = (bucket.params, [p.grad for p in bucket.params], bucket.exp_avgs,
+            lr_value, lr_tensor = _common.lr_arguments(lr, bucket.device)
+            updated = (bucket.params, _common.take(grads, bucket.positions), bucket.exp_avgs,
                        bucket.exp_avg_sqs, bucket.max_exp_avg_sqs)
             if bucket.has_complex:
                 updated = map(_common.real_views, updated)
-            self._kernel("adam_step_", bucket.device)(
-                *updated,
-                bucket.steps,
-                lr,
-                _common.as_float(beta1),
-                _common.as_float(beta2),
-                group["eps"],
-                group["weight_decay"],
-                group["decoupled_weight_decay"],
-                group["amsgrad"],
-                group["maximize"],
-                grad_scale,
-                found_inf,
-                lr_tensor,
-            )
+            bucket.kernel(*updated, bucket.steps, lr_value, beta1, beta2, eps, weight_decay,
+                          decoupled, amsgrad, maximize, grad_scale, found_inf, lr_tensor)
 
 
 class AdamW(Adam):

@@ -3,20 +3,23 @@ state_dict, whose step() is one fused kernel call per device."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import operator
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fusedtrain.optim import _common, _torch_loop
-from fusedtrain.optim._base import MultiTensorOptimizer
+from fusedtrain.optim._base import NO_STATE, MultiTensorOptimizer, PlannedState
 
 
 class SgdBucket(NamedTuple):
-    """The tensors of one sgd_step_ call: a param group's params on one device."""
+    """One sgd_step_ call: params of a plan on one device, with their momentum buffers."""
 
+    kernel: Callable[..., None]  # sgd_step_ of the optimizer's backend on that device
     device: torch.device
+    positions: list[int] | None  # of its params among the plan's (see _common.device_positions)
     params: list[Tensor]
     buffers: list[Tensor]  # empty without momentum, or before the buffers exist
     has_complex: bool  # then the kernel takes real views (see _common.real_views)
@@ -25,6 +28,11 @@ class SgdBucket(NamedTuple):
 class SgdPlan(NamedTuple):
     continuing: list[SgdBucket]  # params with a momentum buffer, or without momentum
     starting: list[SgdBucket]  # params whose momentum buffer starts this step
+
+
+# A group's hyperparameters in sgd_step_'s order, read in one call per step.
+_HYPERPARAMETERS = operator.itemgetter("lr", "momentum", "dampening", "weight_decay", "nesterov",
+                                       "maximize")
 
 
 class SGD(MultiTensorOptimizer):
@@ -95,59 +103,61 @@ class SGD(MultiTensorOptimizer):
     _check_torch_loop = _torch_loop.check_sgd
     _step_torch_loop = _torch_loop.step_sgd
 
-    def _make_plan(self, group: dict, params: list[Tensor]) -> SgdPlan:
+    def _make_plan(self, group: dict, params: list[Tensor]) -> tuple[SgdPlan, PlannedState]:
         """Params whose momentum buffer exists (or that need none), by device, and the params
         that start a buffer this step: torch starts it as a copy of the first gradient, so
         those take a separate first_step call and the plan is rebuilt afterwards."""
+        everything = range(len(params))
         if group["momentum"] == 0:
-            return SgdPlan(_buckets(params, None), [])
-        buffer_of = [self.state[p].get("momentum_buffer") for p in params]
-        continuing = [p for p, b in zip(params, buffer_of) if b is not None]
-        starting = [p for p, b in zip(params, buffer_of) if b is None]
-        return SgdPlan(_buckets(continuing, [b for b in buffer_of if b is not None]),
-                       _buckets(starting, None))
+            return SgdPlan(self._buckets(params, everything, None), []), NO_STATE
+        states = [self.state[p] for p in params]
+        buffer_of = [s.get("momentum_buffer") for s in states]
+        continuing = [i for i in everything if buffer_of[i] is not None]
+        starting = [i for i in everything if buffer_of[i] is None]
+        plan = SgdPlan(self._buckets(params, continuing, buffer_of), self._buckets(params, starting, None))
+        return plan, PlannedState([states[i] for i in continuing], ("momentum_buffer",),
+                                  [buffer_of[i] for i in continuing])
 
-    def _run_plan(self, group: dict, plan: SgdPlan) -> None:
-        for bucket in plan.continuing:
-            self._call(group, bucket, first_step=False)
-        for bucket in plan.starting:
+    def _buckets(self, params: list[Tensor], positions: list[int],
+                 buffer_of: list[Tensor] | None) -> list[SgdBucket]:
+        """The calls that step params[i] for i in positions, one per device; buffer_of None: no
+        momentum buffers (yet)."""
+        buckets = []
+        for device, taken in _common.device_positions(params, positions):
+            bucket_params = _common.take(params, taken)
+            buckets.append(SgdBucket(
+                self._kernel("sgd_step_", device, bucket_params),
+                device,
+                taken,
+                bucket_params,
+                _common.take(buffer_of, taken) if buffer_of is not None else [],
+                any(p.is_complex() for p in bucket_params),
+            ))
+        return buckets
+
+    def _run_plan(self, group: dict, calls: SgdPlan, grads: list[Tensor]) -> None:
+        hyperparameters = _HYPERPARAMETERS(group)
+        for bucket in calls.continuing:
+            self._call(bucket, grads, hyperparameters, first_step=False)
+        for bucket in calls.starting:
             new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in bucket.params]
-            if self._call(group, bucket._replace(buffers=new_buffers), first_step=True):
+            if self._call(bucket._replace(buffers=new_buffers), grads, hyperparameters, first_step=True):
                 for p, b in zip(bucket.params, new_buffers):
                     self.state[p]["momentum_buffer"] = b
-        if plan.starting:
+        if calls.starting:
             self._forget_plan(group)
 
-    def _call(self, group: dict, bucket: SgdBucket, first_step: bool) -> bool:
+    def _call(self, bucket: SgdBucket, grads: list[Tensor], hyperparameters: tuple,
+              first_step: bool) -> bool:
         """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped a first step. Only
         a first step reads found_inf on the host (whether its new buffers are kept), so a step of
         existing buffers never waits for the device."""
+        lr, momentum, dampening, weight_decay, nesterov, maximize = hyperparameters
         grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
-        lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
-        updated = (bucket.params, [p.grad for p in bucket.params], bucket.buffers)
+        lr, lr_tensor = _common.lr_arguments(lr, bucket.device)
+        updated = (bucket.params, _common.take(grads, bucket.positions), bucket.buffers)
         if bucket.has_complex:
             updated = map(_common.real_views, updated)
-        self._kernel("sgd_step_", bucket.device)(
-            *updated,
-            lr,
-            group["momentum"],
-            group["dampening"],
-            _common.as_float(group["weight_decay"]),
-            group["nesterov"],
-            group["maximize"],
-            first_step,
-            grad_scale,
-            found_inf,
-            lr_tensor,
-        )
+        bucket.kernel(*updated, lr, momentum, dampening, _common.as_float(weight_decay), nesterov,
+                      maximize, first_step, grad_scale, found_inf, lr_tensor)
         return not first_step or found_inf is None or not bool(found_inf.item() != 0)
-
-
-def _buckets(params: list[Tensor], buffers: list[Tensor] | None) -> list[SgdBucket]:
-    """One bucket per device; buffers None: no momentum buffers (yet)."""
-    return [
-        SgdBucket(device, [params[i] for i in indices],
-                  [buffers[i] for i in indices] if buffers is not None else [],
-                  any(params[i].is_complex() for i in indices))
-        for device, indices in _common.group_by_device(params).items()
-    ]
