@@ -9,6 +9,7 @@
 #include "cpu/linear_mse_cpu.h"
 #include "cpu/linear_mse_fit.h"
 #include "cpu/optim_cpu.h"
+#include "cpu/stack_cpu.h"
 #include "optim_python.h"
 
 namespace fusedtrain {
@@ -53,6 +54,25 @@ TORCH_LIBRARY(fusedtrain, m) {
       "int reduction, Tensor(c!)[] state, bool adam, float lr, float weight_decay, bool maximize, "
       "float beta1, float beta2, float eps, bool decoupled, bool amsgrad, float momentum, "
       "float dampening, bool nesterov, bool first_step) -> Tensor");
+
+  // Layer stacks: params are each layer's weight (out, in) and, if it has one, its bias (out),
+  // layer by layer; the stack is described by the arguments of kStackSpecSchema (csrc/stack_spec.h,
+  // fusedtrain.stacks.StackSpec). target: (N, out) in x's dtype, or (N,) int64 classes for cross
+  // entropy. stack_fwd_bwd: the loss and every param's gradient (none unless need_grads), the
+  // activations never handed back. The train steps: the same, then the optimizer's update of params
+  // and state in place, as adam_step_ / sgd_step_ (same hyperparameters, lr_tensor replacing lr);
+  // they return the loss before the update.
+  const std::string spec = fusedtrain::kStackSpecSchema;
+  m.def(("stack_fwd_bwd(Tensor x, Tensor target, Tensor[] params, " + spec +
+         ", bool need_grads=True) -> (Tensor loss, Tensor[] grads)").c_str());
+  m.def(("stack_adam_step_(Tensor x, Tensor target, Tensor(a!)[] params, " + spec +
+         ", Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+         "Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+         "bool decoupled, bool amsgrad, bool maximize, Tensor? lr_tensor=None) -> Tensor").c_str());
+  m.def(("stack_sgd_step_(Tensor x, Tensor target, Tensor(a!)[] params, " + spec +
+         ", Tensor(b!)[] momentum_buffers, float lr, float momentum, float dampening, "
+         "float weight_decay, bool nesterov, bool maximize, bool first_step, "
+         "Tensor? lr_tensor=None) -> Tensor").c_str());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -132,6 +152,60 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                    state, optimizer);
       },
       py::call_guard<py::gil_scoped_release>());
+  // The native training loop over a stack (fusedtrain.fit): the description and the optimizer's
+  // hyperparameters as objects built once, with fields named as the ops' arguments.
+  namespace cpu = fusedtrain::cpu;
+  py::class_<fusedtrain::StackSpec>(m, "StackSpec", "A layer stack's description (fusedtrain.stacks.StackSpec).")
+      .def(py::init([](std::vector<bool> has_bias, std::vector<int64_t> layer_params,
+                       std::vector<int64_t> activations, std::vector<double> activation_params, int64_t loss,
+                       int64_t reduction, double loss_param, int64_t ignore_index, double label_smoothing) {
+             return fusedtrain::make_stack_spec("StackSpec", has_bias, layer_params, activations,
+                                                activation_params, loss, reduction, loss_param, ignore_index,
+                                                label_smoothing);
+           }),
+           py::arg("has_bias"), py::arg("layer_params"), py::arg("activations"), py::arg("activation_params"), py::arg("loss"),
+           py::arg("reduction"), py::arg("loss_param"), py::arg("ignore_index"), py::arg("label_smoothing"));
+  py::class_<cpu::AdamHyper>(m, "AdamHyper", "adam_step_'s hyperparameters.")
+      .def(py::init<>())
+      .def_readwrite("lr", &cpu::AdamHyper::lr)
+      .def_readwrite("beta1", &cpu::AdamHyper::beta1)
+      .def_readwrite("beta2", &cpu::AdamHyper::beta2)
+      .def_readwrite("eps", &cpu::AdamHyper::eps)
+      .def_readwrite("weight_decay", &cpu::AdamHyper::weight_decay)
+      .def_readwrite("decoupled", &cpu::AdamHyper::decoupled)
+      .def_readwrite("amsgrad", &cpu::AdamHyper::amsgrad)
+      .def_readwrite("maximize", &cpu::AdamHyper::maximize);
+  py::class_<cpu::SgdHyper>(m, "SgdHyper", "sgd_step_'s hyperparameters.")
+      .def(py::init<>())
+      .def_readwrite("lr", &cpu::SgdHyper::lr)
+      .def_readwrite("momentum", &cpu::SgdHyper::momentum)
+      .def_readwrite("dampening", &cpu::SgdHyper::dampening)
+      .def_readwrite("weight_decay", &cpu::SgdHyper::weight_decay)
+      .def_readwrite("nesterov", &cpu::SgdHyper::nesterov)
+      .def_readwrite("maximize", &cpu::SgdHyper::maximize)
+      .def_readwrite("first_step", &cpu::SgdHyper::first_step);
+  py::class_<cpu::FitData>(m, "FitData", "The rows, epochs and batches of one stack fit.")
+      .def(py::init([](at::Tensor x, at::Tensor target, int64_t epochs, int64_t batch_size,
+                       std::optional<at::Tensor> orders, std::optional<at::Generator> generator,
+                       std::optional<at::Tensor> val_x, std::optional<at::Tensor> val_target) {
+             return cpu::FitData{std::move(x), std::move(target), epochs, batch_size, std::move(orders),
+                                 std::move(generator), std::move(val_x), std::move(val_target)};
+           }),
+           py::arg("x"), py::arg("target"), py::arg("epochs"), py::arg("batch_size"), py::arg("orders"),
+           py::arg("generator"), py::arg("val_x"), py::arg("val_target"));
+  m.def("stack_fit_adam_cpu",
+        [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+           const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+           const Tensors& steps, const cpu::AdamHyper& hyper) {
+          return cpu::stack_fit_adam_cpu(data, params, spec, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("stack_fit_sgd_cpu",
+        [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+           const Tensors& momentum_buffers, const cpu::SgdHyper& hyper) {
+          return cpu::stack_fit_sgd_cpu(data, params, spec, momentum_buffers, hyper);
+        },
+        py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda_kernels", [] {
 #if defined(FUSEDTRAIN_WITH_CUDA)
     return true;

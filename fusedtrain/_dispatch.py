@@ -21,6 +21,10 @@ from fusedtrain import _extension, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
 TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "linear_mse_train_step_")
+# Ops whose native kernels exist on the CPU only (so far): "auto" picks the reference elsewhere.
+CPU_ONLY_OPS = ("stack_fwd_bwd", "stack_adam_step_", "stack_sgd_step_")
+# Ops whose CPU kernel is also bound in _C as <name without the trailing _>_cpu (see op()).
+DIRECT_CPU_BINDINGS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd")
 
 
 def _native_devices() -> tuple[str, ...]:
@@ -40,12 +44,17 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def why_not(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on `device`, else the reason it cannot."""
-    if backend == "native" and device.type not in NATIVE_DEVICES:
-        return ("the compiled extension is not available" if not _extension.native_available()
-                else f"this build has no {device.type} kernels")
+def why_not(backend: str, device: torch.device, name: str | None = None) -> str | None:
+    """None if `backend` can run (op `name`, if given) on `device`, else the reason it cannot."""
+    if backend == "native":
+        if device.type not in NATIVE_DEVICES:
+            return ("the compiled extension is not available" if not _extension.native_available()
+                    else f"this build has no {device.type} kernels")
+        if name in CPU_ONLY_OPS and device.type != "cpu":
+            return f"{name} has native kernels on the CPU only (use backend='reference' on {device.type})"
     if backend == "triton":
+        if name is not None and name not in TRITON_OPS:
+            return f"there is no Triton kernel for {name}"
         if not TRITON_INSTALLED:
             return "triton is not installed"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,16 +64,17 @@ def why_not(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend ("native", "triton" or "reference") that runs ops on `device`."""
+def resolve(backend: str, device: torch.device, name: str | None = None) -> str:
+    """The concrete backend ("native", "triton" or "reference") that runs op `name` (any op, if
+    None) on `device`."""
     check_backend(backend)
     if backend == "auto":
         backend = os.environ.get("FUSEDTRAIN_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"FUSEDTRAIN_BACKEND must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            return "native" if device.type in NATIVE_DEVICES else "reference"
-    reason = why_not(backend, device)
+            return "native" if why_not("native", device, name) is None else "reference"
+    reason = why_not(backend, device, name)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
     return backend
@@ -72,16 +82,14 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def op(name: str, backend: str, device: torch.device) -> Callable[..., None]:
     """The callable implementing op `name` for `backend` on `device`."""
-    chosen = resolve(backend, device)
+    chosen = resolve(backend, device, name)
     if chosen == "reference":
         return getattr(reference, name)
     if chosen == "triton":
-        if name not in TRITON_OPS:
-            raise RuntimeError(f"backend='triton' has no kernel for {name}; use 'native' or 'reference'")
         import fusedtrain.triton  # imports triton itself: only when asked for
 
         return getattr(fusedtrain.triton, name)
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if device.type == "cpu" and name in DIRECT_CPU_BINDINGS and not torch.compiler.is_compiling():
         # The same CPU kernel that torch.ops.fusedtrain.<name> runs, bound without the
         # dispatcher, whose conversion of six Python lists of tensors costs as much as updating
         # 1e5 elements. torch.compile traces the op itself.

@@ -34,3 +34,19 @@ def _linear_mse_train_step_fake(x, target, weight, bias, reduction, state, adam,
                                 maximize, beta1, beta2, eps, decoupled, amsgrad, momentum,
                                 dampening, nesterov, first_step):
     return x.new_empty(())
+
+
+@torch.library.register_fake("fusedtrain::stack_fwd_bwd")
+def _stack_fwd_bwd_fake(x, target, params, has_bias, layer_params, activations, activation_params, loss,
+                        reduction, loss_param, ignore_index, label_smoothing, need_grads=True):
+    return x.new_empty(()), [p.new_empty(p.shape) for p in params] if need_grads else []
+
+
+@torch.library.register_fake("fusedtrain::stack_adam_step_")
+def _stack_adam_step_fake(x, target, params, *args, **kwargs):
+    return x.new_empty(())
+
+
+@torch.library.register_fake("fusedtrain::stack_sgd_step_")
+def _stack_sgd_step_fake(x, target, params, *args, **kwargs):
+    return x.new_empty(())

@@ -1,27 +1,32 @@
-"""The whole training step, or the whole loop, of a linear model with an MSE loss in one native
-call: FusedTrainStep(model, optimizer)(x, y) and fit(model, optimizer, X, Y, epochs=...).
+"""The whole training step, or the whole loop, of a layer stack in native code:
+FusedTrainStep(model, optimizer, criterion)(x, y) and fit(model, optimizer, X, Y | loader, ...).
 
-Both read and write the optimizer's own state (the keys torch.optim uses), so state_dict,
-schedulers that change param_group["lr"], and going back to the stock loop all keep working.
+A stack is what fusedtrain.stacks recognises: nn.Linear layers, each optionally followed by one
+elementwise activation, under an MSE, L1, SmoothL1, Huber, cross-entropy or BCE-with-logits loss;
+one nn.Linear with nn.MSELoss is the stack of depth 1. Both read and write the optimizer's own
+state (the keys torch.optim uses), so state_dict, schedulers that change param_group["lr"], and
+going back to the stock loop all keep working.
 
 ``backend=`` ("auto", "native", "triton", "reference") picks the implementation as the optimizers
-do (fusedtrain._dispatch). Native on CPU runs the whole loop in one call (linear_mse_fit_cpu);
-every other backend, and native on CUDA, loops in Python over the op linear_mse_train_step_ of
-that backend, one call per batch, with the same batches, shuffling, validation and history.
+do (fusedtrain._dispatch). Native on the CPU runs the whole loop in one call (stack_fit_*_cpu);
+every other backend loops in Python over its train-step op, one call per batch, with the same
+batches, shuffling, validation and history. Depth 1 with MSE keeps its own kernels there (the
+linear_mse ops, on CUDA and in Triton too); deeper stacks have CPU kernels, and the reference
+elsewhere.
 """
 
 from __future__ import annotations
 
-import operator
 import sys
-import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 import fusedtrain.optim
-from fusedtrain import _dispatch, _extension, reference
+from fusedtrain import _dispatch, _extension, reference, stacks
 from fusedtrain.optim import _common
 
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, fusedtrain.optim.SGD, fusedtrain.optim.Adam)
@@ -35,180 +40,176 @@ class FitHistory(NamedTuple):
     val_loss: Tensor | None
 
 
-class _Update(NamedTuple):
-    """How the optimizer updates weight and bias: the optimizer arguments of the op
-    linear_mse_train_step_ in its order (first_step, which changes from call to call, aside),
-    which are also the fields of the native loop's FitOptimizer."""
+class _AdamState(NamedTuple):
+    """adam_step_'s state lists, one tensor per param."""
 
-    adam: bool
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]  # empty unless amsgrad
+    steps: list[Tensor]
+
+
+class _AdamHyper(NamedTuple):
+    """adam_step_'s hyperparameters, in its order (and the fields of _C.AdamHyper)."""
+
     lr: float
+    beta1: float
+    beta2: float
+    eps: float
     weight_decay: float
+    decoupled: bool
+    amsgrad: bool
     maximize: bool
-    beta1: float = 0.0
-    beta2: float = 0.0
-    eps: float = 0.0
-    decoupled: bool = False
-    amsgrad: bool = False
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-
-    def native(self):
-        """The same settings as the native loop's _C.FitOptimizer."""
-        config = _extension._C.FitOptimizer()
-        for name, value in zip(self._fields, self):
-            setattr(config, name, value)
-        return config
 
 
-class _LinearMSETraining:
-    """What a fused step needs from a model and its optimizer, checked once, read fresh per call."""
+class _SgdHyper(NamedTuple):
+    """sgd_step_'s hyperparameters, in its order (and the fields of _C.SgdHyper)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, caller: str,
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+    first_step: bool
+
+
+def _native(hyper: NamedTuple, cls):
+    """The same settings as the native loop's _C.AdamHyper / _C.SgdHyper."""
+    config = cls()
+    for name, value in zip(hyper._fields, hyper):
+        setattr(config, name, value)
+    return config
+
+
+class _Training:
+    """What a fused step needs from a model, criterion and optimizer: checked once, the
+    optimizer's hyperparameters and state read fresh at every call."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion, caller: str,
                  backend: str) -> None:
-        if not isinstance(model, nn.Linear):
-            raise TypeError(f"{caller}: model must be a torch.nn.Linear, got {type(model).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
             raise TypeError(f"{caller}: optimizer must be SGD, Adam or AdamW (torch.optim or "
                             f"fusedtrain.optim), got {type(optimizer).__name__}")
-        self.params = [model.weight] + ([model.bias] if model.bias is not None else [])
+        try:
+            self.stack = stacks.describe(model, criterion)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{caller}: {e}") from None
+        self.params = self.stack.params()
         groups = optimizer.param_groups
         owned = [p for g in groups for p in g["params"]]
         if len(groups) != 1 or len(owned) != len(self.params) or any(
                 not any(p is q for q in owned) for p in self.params):
             raise ValueError(f"{caller}: the optimizer must have one param group holding exactly "
-                             "the model's weight and bias")
+                             "the model's params (each layer's weight and bias)")
         group = groups[0]
         if group.get("capturable") or group.get("differentiable"):
             raise ValueError(f"{caller}: capturable and differentiable optimizers are not supported")
-        if model.weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{caller}: the model must be float32 or float64, got {model.weight.dtype}")
         self.caller = caller
-        self.model = model
         self.optimizer = optimizer
         self.backend = backend
-        self.resolve_backend(model.weight.device)  # an unknown one, or one that cannot run here, fails now
         self.adam = isinstance(optimizer, (torch.optim.Adam, fusedtrain.optim.Adam))
-        self._read_hyper = operator.itemgetter(*(
-            k for k in ("lr", "weight_decay", "maximize", "betas", "eps", "amsgrad",
-                        "decoupled_weight_decay", "momentum", "dampening", "nesterov") if k in group))
-        self._hyper = None  # the group's values the update was configured from
-        self._configured = None  # ... as plain numbers
-        self._hyper_has_tensor = False
+        spec = self.stack.spec
+        # One nn.Linear under MSE: the linear kernels (one pass over x for narrow outputs), which
+        # also run on CUDA and in Triton.
+        self.linear_mse = (len(spec.activations) == 1 and spec.activations[0] == stacks.Activation.IDENTITY
+                           and spec.loss == stacks.Loss.MSE)
+        self.device = self.params[0].device
+        self.resolve_backend()  # an unknown one, or one that cannot run here, fails now
+        self._native_spec = _extension._C.StackSpec(*spec) if _extension.native_available() else None
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """The concrete backend for `device` now (FUSEDTRAIN_BACKEND is read at each call, as by
-        the optimizers' steps); a named error if none can run there."""
+    def step_op_name(self) -> str:
+        if self.linear_mse and not (self.device.type == "cpu" and self.resolve_backend() == "native"):
+            return "linear_mse_train_step_"
+        return "stack_adam_step_" if self.adam else "stack_sgd_step_"
+
+    def resolve_backend(self) -> str:
+        """The concrete backend for the model's device now (FUSEDTRAIN_BACKEND is read at each
+        call, as by the optimizers' steps); a named error if none can run there."""
+        name = "linear_mse_train_step_" if self.linear_mse else ("stack_adam_step_" if self.adam else "stack_sgd_step_")
         try:
-            return _dispatch.resolve(self.backend, device)
+            return _dispatch.resolve(self.backend, self.device, name)
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"{self.caller}: {e}") from None
 
     def data(self, x: Tensor, y: Tensor, name: str = "") -> tuple[Tensor, Tensor]:
-        """x (N, in) and the target expanded to (N, out), both contiguous, checked."""
-        weight = self.model.weight
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != weight.shape[1]:
-            raise ValueError(f"{self.caller}: {name}x must have shape (N, {weight.shape[1]}), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if x.layout != torch.strided:  # nn.Linear takes a sparse input as its dense value
+        """x (N, in) and the target as the ops take it, both contiguous, checked."""
+        if isinstance(x, Tensor) and x.layout != torch.strided:  # nn.Linear takes a sparse x as its dense value
             x = x.to_dense()
-        for label, t in ((f"{name}x", x), (f"{name}y", y)):
-            if not isinstance(t, Tensor) or t.layout != torch.strided:
-                raise TypeError(f"{self.caller}: {label} must be a dense tensor, got "
-                                f"{t.layout if isinstance(t, Tensor) else type(t).__name__}")
-            if t.dtype != weight.dtype or t.device != weight.device:
-                raise TypeError(f"{self.caller}: {label} is {t.dtype} on {t.device} but the model is "
-                                f"{weight.dtype} on {weight.device}")
-        pred_shape = torch.Size((x.shape[0], weight.shape[0]))
-        if y.shape == pred_shape:
-            return x.contiguous(), y.contiguous()
-        try:
-            fits = torch.broadcast_shapes(pred_shape, y.shape) == pred_shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"{self.caller}: {name}y of shape {tuple(y.shape)} does not broadcast to "
-                             f"the prediction's shape {tuple(pred_shape)}")
-        warnings.warn(
-            f"Using a target size ({y.size()}) that is different to the input size ({pred_shape}). "
-            "This will likely lead to incorrect results due to broadcasting. "
-            "Please ensure they have the same size.",
-            stacklevel=3,
-        )
-        return x.contiguous(), y.expand(pred_shape).contiguous()
+        target = stacks.prepare_target(self.stack, x, y, f"{self.caller}: {name}".rstrip(": ") if name else self.caller)
+        return x.contiguous(), target
 
-    def state(self, device: torch.device) -> tuple[list[Tensor], list[Tensor], bool]:
-        """The optimizer state tensors in the op's order (created as torch.optim would), with
-        self.update set from the param group; the momentum buffers to store after the call when
-        SGD starts them; and whether it does (the op's first_step)."""
+    def hyper(self):
+        """The param group's hyperparameters now, as the optimizer op's arguments."""
         group = self.optimizer.param_groups[0]
-        hyper = self._read_hyper(group)
-        # The same plain values as last time need no more work; a tensor (lr) may have changed in place.
-        if self._hyper_has_tensor or hyper != self._hyper:
-            plain = _plain(hyper)
-            if plain != self._configured:  # a scheduler changed something: push it to the config
-                self._configure(group)
-                self._configured = plain
-            self._hyper = hyper
-            self._hyper_has_tensor = _has_tensor(hyper)
+        lr = _common.as_float(group["lr"])
+        if self.adam:
+            beta1, beta2 = (_common.as_float(b) for b in group["betas"])
+            decoupled = group.get("decoupled_weight_decay", False) or isinstance(
+                self.optimizer, (torch.optim.AdamW, fusedtrain.optim.AdamW))
+            return _AdamHyper(lr, beta1, beta2, group["eps"], _common.as_float(group["weight_decay"]),
+                              decoupled, group["amsgrad"], group["maximize"])
+        return _SgdHyper(lr, group["momentum"], group["dampening"], _common.as_float(group["weight_decay"]),
+                         group["nesterov"], group["maximize"], False)
+
+    def state(self, hyper) -> tuple[_AdamState | list[Tensor], list[Tensor]]:
+        """The optimizer state the op updates, created as torch.optim would; and the momentum
+        buffers that SGD starts in this call (to store in the optimizer's state afterwards)."""
         state = self.optimizer.state
         if self.adam:
-            on_cpu = device.type == "cpu"
+            on_cpu = self.device.type == "cpu"
             for p in self.params:
                 s = state[p]
                 if not s:
                     s["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if self.update.amsgrad:
-                        s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if not on_cpu and s["step"].device != device:
+                if hyper.amsgrad and "max_exp_avg_sq" not in s:
+                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not on_cpu and s["step"].device != self.device:
                     # On a GPU the CUDA op reads the step count there, where fusedtrain.optim.Adam
                     # keeps it too (torch.optim.Adam keeps it on the CPU).
-                    s["step"] = s["step"].to(device, torch.float32)
-            return [state[p][k] for k in self._state_keys for p in self.params], [], False
-        if self.update.momentum == 0:
-            return [], [], False
+                    s["step"] = s["step"].to(self.device, torch.float32)
+            return _AdamState([state[p]["exp_avg"] for p in self.params],
+                              [state[p]["exp_avg_sq"] for p in self.params],
+                              [state[p]["max_exp_avg_sq"] for p in self.params] if hyper.amsgrad else [],
+                              [state[p]["step"] for p in self.params]), []
+        if hyper.momentum == 0:
+            return [], []
         buffers = [state[p].get("momentum_buffer") for p in self.params]
         if any(b is None for b in buffers):  # torch starts every buffer as a copy of the first gradient
             buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
-            return buffers, buffers, True
-        return buffers, [], False
+            return buffers, buffers
+        return buffers, []
 
-    def _configure(self, group: dict) -> None:
-        common = dict(adam=self.adam, lr=_common.as_float(group["lr"]),
-                      weight_decay=_common.as_float(group["weight_decay"]), maximize=group["maximize"])
-        if self.adam:
-            beta1, beta2 = (_common.as_float(b) for b in group["betas"])
-            decoupled = group.get("decoupled_weight_decay", False) or isinstance(
-                self.optimizer, (torch.optim.AdamW, fusedtrain.optim.AdamW))
-            self.update = _Update(**common, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                  decoupled=decoupled, amsgrad=group["amsgrad"])
-            self._state_keys = (("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-                                + ("step",))
-        else:
-            self.update = _Update(**common, momentum=group["momentum"], dampening=group["dampening"],
-                                  nesterov=group["nesterov"])
-        self._native = self.update.native() if _extension.native_available() else None
-
-    def run(self, x: Tensor, y: Tensor, epochs: int, batch_size: int, generator, val) -> tuple[Tensor, Tensor]:
+    def run(self, x: Tensor, target: Tensor, epochs: int, batch_size: int, orders: Tensor | None,
+            generator: torch.Generator | None, val: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """`epochs` epochs of batches of batch_size rows (0: the whole set), each epoch's rows in
+        the order orders[e] (a shorter order leaves rows out, as a DataLoader's drop_last), else
+        torch.randperm(N, generator=generator), else 0..N-1; (train losses, validation losses)."""
         # Everything that can refuse the call comes before the first change to the optimizer state.
-        device = x.device  # the model's, as data() checked
-        backend = self.resolve_backend(device)
-        if backend == "native" and device.type == "cpu":
-            state, new_buffers, first_step = self.state(device)
-            self._native.first_step = first_step
-            # The params go in as they are: the native loop writes their memory and records no autograd.
-            result = _extension._C.linear_mse_fit_cpu(
-                x, y, self.model.weight, self.model.bias,
-                reference.MEAN, epochs, batch_size, generator, val[0] if val else None,
-                val[1] if val else None, state, self._native)
+        backend = self.resolve_backend()
+        hyper = self.hyper()
+        state, new_buffers = self.state(hyper)
+        if new_buffers:
+            hyper = hyper._replace(first_step=True)
+        if backend == "native" and self.device.type == "cpu":
+            data = _extension._C.FitData(x, target, epochs, batch_size, orders, generator,
+                                         val[0] if val else None, val[1] if val else None)
+            with torch.no_grad():  # the params' memory is written; autograd records nothing
+                if self.adam:
+                    result = _extension._C.stack_fit_adam_cpu(data, self.params, self._native_spec, *state,
+                                                              _native(hyper, _extension._C.AdamHyper))
+                else:
+                    result = _extension._C.stack_fit_sgd_cpu(data, self.params, self._native_spec, state,
+                                                             _native(hyper, _extension._C.SgdHyper))
         else:
-            step_op = _dispatch.op("linear_mse_train_step_", backend, device)
-            loss_op = _dispatch.op("linear_mse_fwd_bwd", backend, device)
-            state, new_buffers, first_step = self.state(device)
-            result = self._run_steps(step_op, loss_op, x, y, epochs, batch_size, generator, val,
-                                     state, first_step)
+            step, loss = self._step_functions(backend, state, hyper)
+            with torch.no_grad():
+                result = _run_steps(step, loss, x, target, epochs, batch_size, orders, generator, val,
+                                    hyper.first_step if not self.adam else False)
         if epochs > 0:  # else no step filled the new buffers
             for p, b in zip(self.params, new_buffers):
                 self.optimizer.state[p]["momentum_buffer"] = b
@@ -217,108 +218,232 @@ class _LinearMSETraining:
         self.optimizer._opt_called = True
         return result
 
-    def _run_steps(self, step_op, loss_op, x, y, epochs, batch_size, generator, val, state,
-                   first_step) -> tuple[Tensor, Tensor]:
-        """The native loop's epochs in Python, one step_op call per batch; on a GPU a few kernel
-        launches each and no host synchronisation, the losses staying on the device."""
-        n = x.shape[0]
-        batch = batch_size or max(n, 1)  # the whole set: one batch
-        weight, bias = self.model.weight.detach(), (self.model.bias.detach() if self.model.bias is not None else None)
-        train, valid = [], []
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
-            losses = []
-            for start in range(0, max(n, 1), batch):  # no rows: one empty batch, as the stock loop
-                rows = slice(start, start + batch) if order is None else order[start:start + batch]
-                losses.append(step_op(x[rows], y[rows], weight, bias, reference.MEAN, state,
-                                      *self.update, first_step))
-                first_step = False
-            # The mean of the batch losses in double, as the native loop takes it.
-            train.append(torch.stack(losses).mean(dtype=torch.float64))
-            if val:
-                valid.append(loss_op(val[0], weight, bias, val[1], reference.MEAN, False, False)[0])
-        empty = x.new_empty(0)
-        return (torch.stack(train).to(x.dtype) if train else empty), (torch.stack(valid) if valid else empty)
+    def evaluate(self, x: Tensor, target: Tensor) -> Tensor:
+        """The loss of (x, target), no gradient work."""
+        backend = self.resolve_backend()
+        params = [p.detach() for p in self.params]
+        if self.step_op_name() == "linear_mse_train_step_":
+            fwd = _dispatch.op("linear_mse_fwd_bwd", backend, self.device)
+            return fwd(x, params[0], params[1] if len(params) > 1 else None, target, self.stack.spec.reduction,
+                       False, False)[0]
+        return _dispatch.op("stack_fwd_bwd", backend, self.device)(x, target, params, *self.stack.spec, False)[0]
+
+    def _step_functions(self, backend: str, state, hyper) -> tuple[Callable, Callable]:
+        """step(x, target, first_step) -> loss and loss(x, target) -> loss of `backend`'s ops."""
+        params = [p.detach() for p in self.params]
+        spec = self.stack.spec
+        name = self.step_op_name()
+        op = _dispatch.op(name, backend, self.device)
+        if name == "linear_mse_train_step_":
+            weight, bias = params[0], (params[1] if len(params) > 1 else None)
+            flat = ([*state.exp_avgs, *state.exp_avg_sqs, *state.max_exp_avg_sqs, *state.steps]
+                    if self.adam else state)
+            update = ((True, hyper.lr, hyper.weight_decay, hyper.maximize, hyper.beta1, hyper.beta2, hyper.eps,
+                       hyper.decoupled, hyper.amsgrad, 0.0, 0.0, False) if self.adam else
+                      (False, hyper.lr, hyper.weight_decay, hyper.maximize, 0.0, 0.0, 0.0, False, False,
+                       hyper.momentum, hyper.dampening, hyper.nesterov))
+            return (lambda x, t, first: op(x, t, weight, bias, spec.reduction, flat, *update, first)), self.evaluate
+        if self.adam:
+            step = lambda x, t, first: op(x, t, params, *spec, *state, *hyper)  # noqa: E731
+        else:
+            step = lambda x, t, first: op(x, t, params, *spec, state, *hyper._replace(first_step=first))  # noqa: E731
+        return step, self.evaluate
+
+
+def _run_steps(step, loss, x, target, epochs, batch_size, orders, generator, val,
+               first_step) -> tuple[Tensor, Tensor]:
+    """The native loop's epochs in Python, one step() call per batch; on a GPU a few kernel
+    launches each and no host synchronisation, the losses staying on the device."""
+    n = x.shape[0]
+    train, valid = [], []
+    for epoch in range(epochs):
+        order = (orders[epoch] if orders is not None
+                 else torch.randperm(n, generator=generator) if generator is not None else None)
+        order = order.to(x.device) if order is not None else None
+        rows_used = order.shape[0] if order is not None else n
+        batch = batch_size or max(rows_used, 1)  # the whole set: one batch
+        losses = []
+        for start in range(0, max(rows_used, 1), batch):  # no rows: one empty batch, as the stock loop
+            rows = slice(start, start + batch) if order is None else order[start:start + batch]
+            losses.append(step(x[rows], target[rows], first_step))
+            first_step = False
+        # The mean of the batch losses in double, as the native loop takes it.
+        train.append(torch.stack(losses).mean(dtype=torch.float64))
+        if val:
+            valid.append(loss(*val))
+    empty = x.new_empty(0)
+    return (torch.stack(train).to(x.dtype) if train else empty), (torch.stack(valid).to(x.dtype) if valid else empty)
 
 
 class FusedTrainStep:
-    """``step(x, y)``: the forward pass of an nn.Linear, the MSE loss (mean), the gradients and
-    the optimizer's update, in one native call; returns the loss (detached).
+    """``step(x, y)``: the forward pass of a layer stack, the loss, the gradients and the
+    optimizer's update, in one native call; returns the loss (detached).
 
-    Equals ``opt.zero_grad(); loss = mse_loss(model(x), y); loss.backward(); opt.step()`` except
-    that the params' ``.grad`` is left as it was. The optimizer (torch.optim or fusedtrain.optim
-    SGD, Adam or AdamW) must have one param group holding exactly the model's params.
-    ``backend`` ("auto", "native", "triton", "reference") picks the implementation of the step,
-    as for the optimizers; see ``python -m fusedtrain info``.
+    Equals ``opt.zero_grad(); loss = criterion(model(x), y); loss.backward(); opt.step()`` except
+    that the params' ``.grad`` is left as it was. ``model``: an nn.Linear, an nn.Sequential of
+    Linear layers each optionally followed by one activation, or any module whose forward
+    torch.fx traces to such a chain (see fusedtrain.stacks). ``criterion``: nn.MSELoss (the
+    default), L1Loss, SmoothL1Loss, HuberLoss, CrossEntropyLoss or BCEWithLogitsLoss. The
+    optimizer (torch.optim or fusedtrain.optim SGD, Adam or AdamW) must have one param group
+    holding exactly the model's params. ``backend`` ("auto", "native", "triton", "reference")
+    picks the implementation of the step, as for the optimizers; see ``python -m fusedtrain info``.
     """
 
-    def __init__(self, model: nn.Linear, optimizer: torch.optim.Optimizer, *,
-                 backend: str = "auto") -> None:
-        self._training = _LinearMSETraining(model, optimizer, "FusedTrainStep", backend)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module | None = None,
+                 *, backend: str = "auto") -> None:
+        self._training = _Training(model, optimizer, criterion, "FusedTrainStep", backend)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        # No autograd context needed: every backend's op sees detached params and records nothing.
-        x, y = self._training.data(x, y)
-        losses, _ = self._training.run(x, y, 1, 0, None, None)
+        x, target = self._training.data(x, y)
+        losses, _ = self._training.run(x, target, 1, 0, None, None, None)
         return losses[0]
 
 
-def fit(model: nn.Linear, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor, *, epochs: int,
-        batch_size: int | None = None, shuffle: bool = False, generator: torch.Generator | None = None,
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, X: Tensor | DataLoader, Y: Tensor | None = None,
+        *, epochs: int, criterion: nn.Module | None = None, batch_size: int | None = None,
+        shuffle: bool = False, generator: torch.Generator | None = None,
         val: tuple[Tensor, Tensor] | None = None, progress: bool = False,
         backend: str = "auto") -> FitHistory:
-    """Trains ``model`` on (X, Y) with MSE loss (mean) for ``epochs`` epochs, the whole loop in
-    native code (on CPU; elsewhere, or with another backend, one op call per batch). Equals the
-    stock loop::
+    """Trains a layer stack (see FusedTrainStep) on (X, Y), or on the batches of a DataLoader,
+    for ``epochs`` epochs, the whole loop in native code on the CPU (elsewhere, or with another
+    backend, one op call per batch). With tensors it equals the stock loop::
 
         for epoch in range(epochs):
             order = torch.randperm(len(X), generator=generator) if shuffle else torch.arange(len(X))
             for batch in order.split(batch_size or len(X)):
-                opt.zero_grad(); mse_loss(model(X[batch]), Y[batch]).backward(); opt.step()
+                opt.zero_grad(); criterion(model(X[batch]), Y[batch]).backward(); opt.step()
 
-    ``batch_size=None`` is the full batch. ``val=(X_val, Y_val)`` adds the validation loss after
-    each epoch (no gradient work). ``progress=True`` prints a progress bar, returning to Python
-    once per epoch for it (and only then). ``backend`` ("auto", "native", "triton", "reference")
-    picks the implementation, as for the optimizers; see ``python -m fusedtrain info``.
+    With a DataLoader (and Y, batch_size, shuffle and generator left out) it equals
+    ``for x, y in loader: ...``: over a TensorDataset of (X, Y) it reads the tensors, the batch
+    size, shuffling, drop_last and generator, and draws the very batches that iterating the loader
+    would, all epochs in one native call; over any other dataset it iterates the loader and runs
+    each batch as one native step. ``batch_size=None`` is the full batch. ``val=(X_val, Y_val)``
+    adds the validation loss after each epoch (no gradient work). ``progress=True`` shows a
+    progress bar (tqdm if installed), returning to Python once per epoch for it.
     """
-    training = _LinearMSETraining(model, optimizer, "fit", backend)
+    training = _Training(model, optimizer, criterion, "fit", backend)
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
         raise ValueError(f"fit: batch_size must be a positive int or None, got {batch_size!r}")
-    x, y = training.data(X, Y)
-    val = training.data(*val, name="val ") if val is not None else None
-    if shuffle and generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-    order = generator if shuffle else None
-    with torch.no_grad():
-        if not progress:
-            train, valid = training.run(x, y, epochs, batch_size or 0, order, val)
-        else:
-            parts = []
-            for epoch in range(epochs):
-                parts.append(training.run(x, y, 1, batch_size or 0, order, val))
-                _print_progress(epoch + 1, epochs, parts[-1][0].item())
-            train = torch.cat([p[0] for p in parts]) if parts else x.new_empty(0)
-            valid = torch.cat([p[1] for p in parts]) if parts else x.new_empty(0)
-    return FitHistory(train, valid if val is not None else None)
+    val = training.data(*val, name="val") if val is not None else None
+    if isinstance(X, DataLoader):
+        if Y is not None or batch_size is not None or shuffle or generator is not None:
+            raise ValueError("fit: with a DataLoader, leave Y, batch_size, shuffle and generator out: "
+                             "the loader has them")
+        tensors = _loader_tensors(X)
+        if tensors is None:
+            return _fit_by_batches(training, X, epochs, val, progress)
+        x, target = training.data(*tensors)
+        batch, orders, generator = X.batch_size, _loader_orders(X, epochs), None
+    else:
+        x, target = training.data(X, Y)
+        if shuffle and generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
+        batch, orders, generator = batch_size or 0, None, generator if shuffle else None
+    if not progress:
+        return FitHistory(*_with_val(training.run(x, target, epochs, batch, orders, generator, val), val))
+    parts = []
+    with _ProgressBar(epochs) as bar:
+        for epoch in range(epochs):
+            epoch_order = orders[epoch:epoch + 1] if orders is not None else None
+            parts.append(training.run(x, target, 1, batch, epoch_order, generator, val))
+            bar.update(parts[-1][0].item())
+    return FitHistory(*_with_val(_concatenate(parts, x), val))
 
 
-def _has_tensor(value) -> bool:
-    return isinstance(value, Tensor) or (isinstance(value, tuple) and any(map(_has_tensor, value)))
+def _with_val(result: tuple[Tensor, Tensor], val) -> tuple[Tensor, Tensor | None]:
+    return result[0], (result[1] if val is not None else None)
 
 
-def _plain(value):
-    """A hyperparameter as a value that compares by content (a tensor lr may change in place)."""
-    if isinstance(value, Tensor):
-        return value.item()
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return value
+def _concatenate(parts: list[tuple[Tensor, Tensor]], like: Tensor) -> tuple[Tensor, Tensor]:
+    if not parts:
+        return like.new_empty(0), like.new_empty(0)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _print_progress(done: int, total: int, loss: float, width: int = 30) -> None:
-    filled = width * done // total
-    end = "\n" if done == total else ""
-    sys.stderr.write(f"\rfit [{'#' * filled}{'.' * (width - filled)}] {done}/{total} loss {loss:.6g}{end}")
-    sys.stderr.flush()
+def _loader_tensors(loader: DataLoader) -> tuple[Tensor, Tensor] | None:
+    """(X, Y) when the loader's batches are rows of a TensorDataset(X, Y) drawn by its own
+    sequential or random sampler (so the native loop can draw them itself); else None."""
+    dataset = loader.dataset
+    if not (isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
+            and loader.collate_fn is default_collate and loader.batch_size is not None
+            and type(loader.batch_sampler) is BatchSampler):
+        return None
+    sampler = loader.sampler
+    if type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
+                                               and sampler.num_samples == len(dataset)):
+        return dataset.tensors
+    return None
+
+
+def _loader_orders(loader: DataLoader, epochs: int) -> Tensor | None:
+    """The row order of each epoch, drawn exactly as iterating the loader draws it: creating its
+    iterator takes a base seed from the loader's generator (or the global one), then the batch
+    sampler runs (RandomSampler seeds its own generator from the global one when it has none).
+    None when every epoch takes the rows in order, all of them."""
+    if type(loader.sampler) is SequentialSampler and not loader.drop_last:
+        return None
+    orders = []
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        orders.append(torch.tensor([i for batch in loader.batch_sampler for i in batch], dtype=torch.int64))
+    return torch.stack(orders) if orders else None
+
+
+def _fit_by_batches(training: _Training, loader: DataLoader, epochs: int, val, progress: bool) -> FitHistory:
+    """A loader over any other dataset: its batches as it yields them, one native step each."""
+    train, valid = [], []
+    with _ProgressBar(epochs if progress else 0) as bar:
+        for _ in range(epochs):
+            losses = []
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise TypeError(f"fit: the DataLoader must yield (x, y) batches, got {type(batch).__name__}"
+                                    + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                x, target = training.data(*batch)
+                losses.append(training.run(x, target, 1, 0, None, None, None)[0])
+            epoch_loss = torch.cat(losses).mean(dtype=torch.float64) if losses else torch.tensor(float("nan"))
+            train.append(epoch_loss)
+            if val is not None:
+                valid.append(training.evaluate(*val))
+            bar.update(float(epoch_loss))
+    dtype = training.params[0].dtype
+    train_loss = torch.stack(train).to(dtype) if train else torch.empty(0, dtype=dtype)
+    return FitHistory(train_loss, (torch.stack(valid) if valid else torch.empty(0, dtype=dtype)) if val is not None else None)
+
+
+class _ProgressBar:
+    """Epochs done and the last loss: tqdm's bar if tqdm is installed, else a plain one on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.bar = total, 0, None
+
+    def __enter__(self):
+        if self.total > 0:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=self.total, desc="fit", unit="epoch")
+        return self
+
+    def update(self, loss: float) -> None:
+        if self.total == 0:
+            return
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.6g}")
+            self.bar.update(1)
+            return
+        width = 30
+        filled = width * self.done // self.total
+        end = "\n" if self.done == self.total else ""
+        sys.stderr.write(f"\rfit [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"loss {loss:.6g}{end}")
+        sys.stderr.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -187,8 +187,8 @@ def mutation_guard(model, opt):
 
 
 @pytest.mark.parametrize("case,error,match", [
-    ("not_linear", TypeError, "must be a torch.nn.Linear"),
-    ("other_params", ValueError, "exactly the model's weight and bias"),
+    ("not_a_stack", TypeError, "FusedTrainStep: .*Dropout.* supported"),
+    ("other_params", ValueError, "exactly the model's params"),
     ("rmsprop", TypeError, "must be SGD, Adam or AdamW"),
     ("x_shape", ValueError, r"x must have shape \(N, 3\)"),
     ("dtype", TypeError, "is torch.float64 on cpu but the model is torch.float32"),
@@ -200,8 +200,8 @@ def test_bad_input_is_refused_before_anything_changes(case, error, match):
     stock_step(model, opt, x, y)
     before = mutation_guard(model, opt)
     with pytest.raises(error, match=match):
-        if case == "not_linear":
-            fusedtrain.FusedTrainStep(torch.nn.Sequential(model), opt)
+        if case == "not_a_stack":
+            fusedtrain.FusedTrainStep(torch.nn.Sequential(model, torch.nn.Dropout()), opt)
         elif case == "other_params":
             fusedtrain.FusedTrainStep(model, torch.optim.Adam([torch.nn.Parameter(torch.ones(2))]))
         elif case == "rmsprop":

@@ -8,18 +8,35 @@
 #define FT_ISA_NAMESPACE avx512
 #include "element_loops.h"
 #include "linear_mse_loops.h"
+#include "stack_loops.h"
 #pragma GCC pop_options
 
 namespace fusedtrain {
 namespace cpu {
+// The tables are filled by name: a kernel left out is a compile error (isa_target.h makes
+// -Wmissing-field-initializers one), and none can land in another's place.
+template <typename T>
+constexpr StackKernels<T> avx512_stack_kernels() {
+  return {
+      .forward = avx512::stack_forward<T>,
+      .activate = avx512::stack_activate<T>,
+      .weight_grad = avx512::stack_weight_grad<T>,
+      .input_grad = avx512::stack_input_grad<T>,
+      .scale_by_derivative = avx512::stack_scale_by_derivative<T>,
+      .loss = avx512::stack_loss<T>,
+  };
+}
+
 const IsaKernels kAvx512Kernels = {
-    "avx512",
-    avx512::adam_range,
-    avx512::sgd_range,
-    avx512::linear_mse_rows<float>,
-    avx512::linear_mse_rows<double>,
-    avx512::residual_rows<float>,
-    avx512::residual_rows<double>,
+    .name = "avx512",
+    .adam = avx512::adam_range,
+    .sgd = avx512::sgd_range,
+    .linear_mse_f32 = avx512::linear_mse_rows<float>,
+    .linear_mse_f64 = avx512::linear_mse_rows<double>,
+    .residual_f32 = avx512::residual_rows<float>,
+    .residual_f64 = avx512::residual_rows<double>,
+    .stack_f32 = avx512_stack_kernels<float>(),
+    .stack_f64 = avx512_stack_kernels<double>(),
 };
 }  // namespace cpu
 }  // namespace fusedtrain

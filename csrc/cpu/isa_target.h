@@ -11,3 +11,6 @@
 
 #include "fusedtrain/dtype_convert.h"
 #include "kernel_table.h"
+
+// A kernel table entry left out must not compile (see the tables in isa_*.cpp).
+#pragma GCC diagnostic error "-Wmissing-field-initializers"

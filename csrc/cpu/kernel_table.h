@@ -11,6 +11,7 @@
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/linear_mse_math.h"
 #include "fusedtrain/sgd_math.h"
+#include "fusedtrain/stack_math.h"
 
 namespace fusedtrain {
 namespace cpu {
@@ -84,6 +85,42 @@ struct ResidualRows {
   T two_over_count;
 };
 
+// One layer of a stack as the small-layer loops see it (csrc/cpu/stack_loops.h).
+template <typename T>
+struct StackLayer {
+  const T* weight;    // out x in
+  const T* weight_t;  // in x out: the weight transposed, whose rows the forward adds up
+  const T* bias;      // out, or null
+  int64_t in;
+  int64_t out;
+  math::Activation activation;
+  T activation_param;  // LeakyReLU's negative slope
+};
+
+// The loss head of a stack: scale is the reduction's 1/R (1 under "sum").
+template <typename T>
+struct StackLoss {
+  math::Loss loss;
+  T loss_param;  // SmoothL1's beta, Huber's delta
+  T scale;
+  int64_t ignore_index;
+  T label_smoothing;
+};
+
+// The loops of a stack's step on rows of a batch (row-major; see stack_loops.h for each).
+template <typename T>
+struct StackKernels {
+  void (*forward)(const StackLayer<T>&, const T* a, int64_t rows, T* z, T* y);
+  void (*activate)(const StackLayer<T>&, const T* z, int64_t count, T* y);
+  void (*weight_grad)(const StackLayer<T>&, const T* g, const T* a, int64_t rows, T* grad_weight,
+                      T* grad_bias);
+  void (*input_grad)(const StackLayer<T>&, const T* g, int64_t rows, const StackLayer<T>& below,
+                     const T* z_below, const T* y_below, T* g_below);
+  void (*scale_by_derivative)(const StackLayer<T>&, const T* z, const T* y, int64_t count, T* g);
+  double (*loss)(const StackLoss<T>&, const StackLayer<T>& top, const T* z, const T* y,
+                 const void* target, int64_t rows, T* g);
+};
+
 // Update elements [begin, end) of one tensor.
 using AdamRangeFn = void (*)(const AdamOptions&, const AdamTensor&, int64_t begin, int64_t end);
 using SgdRangeFn = void (*)(const SgdOptions&, const SgdTensor&, int64_t begin, int64_t end);
@@ -103,6 +140,8 @@ struct IsaKernels {
   LinearMseRowsFn<double> linear_mse_f64;
   ResidualRowsFn<float> residual_f32;
   ResidualRowsFn<double> residual_f64;
+  StackKernels<float> stack_f32;
+  StackKernels<double> stack_f64;
 };
 
 // Defined in isa_avx512.cpp, isa_avx2.cpp and isa_baseline.cpp from the same element loops.
