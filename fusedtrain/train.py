@@ -96,7 +96,7 @@ class _Training:
         try:
             self.stack = stacks.describe(model, criterion)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"{caller}: {e}") from None
+            raise type(e)(f"{caller}: {str(e).removeprefix('fusedtrain: ')}") from None
         self.params = self.stack.params()
         groups = optimizer.param_groups
         owned = [p for g in groups for p in g["params"]]
@@ -382,12 +382,12 @@ def _loader_orders(loader: DataLoader, epochs: int) -> Tensor | None:
     iterator takes a base seed from the loader's generator (or the global one), then the batch
     sampler runs (RandomSampler seeds its own generator from the global one when it has none).
     None when every epoch takes the rows in order, all of them."""
-    if type(loader.sampler) is SequentialSampler and not loader.drop_last:
-        return None
+    in_order = type(loader.sampler) is SequentialSampler and not loader.drop_last
     orders = []
     for _ in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        orders.append(torch.tensor([i for batch in loader.batch_sampler for i in batch], dtype=torch.int64))
+        if not in_order:
+            orders.append(torch.tensor([i for batch in loader.batch_sampler for i in batch], dtype=torch.int64))
     return torch.stack(orders) if orders else None
 
 
