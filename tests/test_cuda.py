@@ -79,8 +79,10 @@ def test_optimizer_on_cuda_agrees_with_torch_fused(name, kwargs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+# (40, 70000, 3): few rows, many columns, so the fused kernel splits the columns over its blocks.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("n,inp,out", [(1, 3, 1), (1000, 64, 16), (5000, 1024, 1), (700, 20, 128)])
+@pytest.mark.parametrize("n,inp,out", [(1, 3, 1), (1000, 64, 16), (5000, 1024, 1), (40, 70000, 3),
+                                       (700, 20, 128)])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_linear_mse_kernel_matches_reference(dtype, n, inp, out, has_bias):
     g = torch.Generator().manual_seed(n + inp + out)
@@ -177,18 +179,27 @@ def train_step_problem(dtype, n, inp, out, has_bias, seed):
     return x, target, params, g
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("out", [1, 4, 16, 40])
-@pytest.mark.parametrize("has_bias", [True, False])
-@pytest.mark.parametrize("optimizer", list(TRAIN_STEP_OPTIMIZERS))
-def test_linear_mse_train_step_matches_reference(dtype, out, has_bias, optimizer):
+def train_step_cases():
+    """Every optimizer at out 1 and 16 (one fused launch; 33 columns: rows split over the blocks,
+    3000: columns too) and 40 (GEMMs), each dtype and with and without bias at each out."""
+    shapes = [(1, 33), (16, 3000), (40, 33)]
+    for i, optimizer in enumerate(TRAIN_STEP_OPTIMIZERS):
+        for j, (out, inp) in enumerate(shapes):
+            dtype = [torch.float32, torch.float64][(i + j) % 2]
+            has_bias = (i // 2 + j) % 2 == 0
+            yield pytest.param(optimizer, out, inp, dtype, has_bias,
+                               id=f"{optimizer}-out{out}-in{inp}-{str(dtype)[6:]}-{'bias' if has_bias else 'no bias'}")
+
+
+@pytest.mark.parametrize("optimizer,out,inp,dtype,has_bias", list(train_step_cases()))
+def test_linear_mse_train_step_matches_reference(optimizer, out, inp, dtype, has_bias):
     hyper = train_step_hyper(**TRAIN_STEP_OPTIMIZERS[optimizer])
-    x, target, params, g = train_step_problem(dtype, 9000, 33, out, has_bias, seed=out * 2 + has_bias)
+    x, target, params, g = train_step_problem(dtype, 9000, inp, out, has_bias, seed=out * 2 + has_bias)
     state = train_step_state(params, hyper, g)
     gpu_params, gpu_state = [p.cuda() for p in params], [s.cuda() for s in state]
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    # Consecutive steps on batches whose grids differ (256 blocks looping over rows, 2, 1, 16):
-    # the stream's ticket counter must be back at zero after each launch.
+    # Consecutive steps on batches whose grids differ (every block looping over rows, 2, 1, 16):
+    # nothing may carry over from one launch to the next.
     batches = [(slice(0, 9000), reference.MEAN), (slice(100, 137), reference.SUM),
                (slice(5, 6), reference.MEAN), (slice(0, 500), reference.MEAN)]
     for step, (rows, reduction) in enumerate(batches):
@@ -229,7 +240,7 @@ def test_small_out_train_step_is_one_kernel_launch(adam):
     state = [s.cuda() for s in train_step_state(params, hyper, g)]
     x, target, params = x.cuda(), target.cuda(), [p.cuda() for p in params]
     op = torch.ops.fusedtrain.linear_mse_train_step_
-    op(x, target, *params, reference.MEAN, state, **hyper)  # the stream's first step zeroes its ticket counter
+    op(x, target, *params, reference.MEAN, state, **hyper)  # a first call sizes the grid
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         op(x, target, *params, reference.MEAN, state, **hyper)
@@ -320,20 +331,23 @@ def test_bad_lr_tensor_is_refused_before_anything_changes(bad_lr, problem):
 
 
 def many_tensor_lists(streams, seed, count=300):
-    """`streams` lists of `count` + 1 tensors: every size class around a chunk, in float32,
-    bfloat16 and float64 (one launch sequence each, several launches each), and one float32
-    tensor with more chunks than a launch holds."""
+    """`streams` lists of `count` + 2 tensors: every size class around a chunk, in float32,
+    bfloat16, float64 and float16 (one launch sequence each, several launches each: more
+    tensors than a table holds), and a float32 and a float16 tensor with more chunks than a
+    launch holds."""
     shapes = [(), (0,), (7,), (129,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (3 * CHUNK + 5,), (33, 65)]
-    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
     specs = [(shapes[i % len(shapes)], dtypes[(i // len(shapes)) % len(dtypes)]) for i in range(count)]
     specs.insert(count // 2, ((TABLE_CHUNKS * CHUNK + 1000,), torch.float32))
+    specs.insert(count // 3, ((TABLE_CHUNKS * CHUNK + 77,), torch.float16))
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(shape, generator=g).to(dtype) for shape, dtype in specs] for _ in range(streams)]
 
 
 def to_cuda_some_unaligned(lists):
-    """On the GPU; some tensors of some lists (params, grads) at an unaligned address."""
-    return [[cuda_copy(t, offset=1 if (i + 3 * k) % 5 == 0 and k < 2 else 0) for i, t in enumerate(lst)]
+    """On the GPU; some tensors of every list (params, grads and optimizer state) at an address
+    that is not 16-byte aligned, the others aligned."""
+    return [[cuda_copy(t, offset=1 if (i + 3 * k) % 5 == 0 else 0) for i, t in enumerate(lst)]
             for k, lst in enumerate(lists)]
 
 
@@ -436,3 +450,336 @@ def test_captured_adam_step_replays_like_eager_torch_adam(name, kwargs):
                 assert float(opt.state[p][key]) == float(value) == warmup_steps + replays
             else:
                 torch.testing.assert_close(opt.state[p][key], value)
+
+
+# ---- The optimizer kernels: what they store, big tensors, graphs, GradScaler -------------------
+
+# A bf16 NaN whose payload a round trip through fp32 would not keep (fp32 -> bf16 makes every
+# NaN 0x7fc0): a store of a grad that the kernel only reads would change its bits.
+BF16_NAN_WITH_PAYLOAD = 0x7FA1
+
+
+@pytest.mark.parametrize("op,momentum", [("adam_step_", None), ("sgd_step_", 0.0), ("sgd_step_", 0.9)])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_optimizer_kernels_store_no_grad_without_grad_scale(op, momentum, offset):
+    g = torch.Generator().manual_seed(13)
+    shapes = [(CHUNK + 37,), (5, 9)]
+    params = [cuda_copy(torch.randn(s, generator=g).bfloat16(), offset) for s in shapes]
+    grads = [cuda_copy(torch.randn(s, generator=g).bfloat16(), offset) for s in shapes]
+    for grad in grads:
+        grad.view(-1).view(torch.int16)[3] = BF16_NAN_WITH_PAYLOAD
+    bits = [grad.view(torch.int16).clone() for grad in grads]
+    if op == "adam_step_":
+        state = [[cuda_copy(torch.zeros(s).bfloat16(), offset) for s in shapes] for _ in range(2)]
+        torch.ops.fusedtrain.adam_step_(params, grads, *state, [], [torch.zeros((), device="cuda") for _ in shapes],
+                                        0.01, 0.9, 0.99, 1e-8, 0.0, False, False, False)
+    else:
+        buffers = [cuda_copy(torch.randn(s, generator=g).bfloat16(), offset) for s in shapes] if momentum else []
+        torch.ops.fusedtrain.sgd_step_(params, grads, buffers, 0.01, momentum, 0.0, 0.0, False, False, False)
+    for grad, before in zip(grads, bits):
+        assert torch.equal(grad.view(torch.int16), before)
+    # With a grad_scale the kernels do store the grad, unscaled, as torch's fused optimizers do.
+    scale = torch.tensor(4.0, device="cuda")
+    for grad in grads:
+        grad.fill_(2.0)
+    if op == "adam_step_":
+        torch.ops.fusedtrain.adam_step_(params, grads, *state, [], [torch.zeros((), device="cuda") for _ in shapes],
+                                        0.01, 0.9, 0.99, 1e-8, 0.0, False, False, False, grad_scale=scale)
+    else:
+        torch.ops.fusedtrain.sgd_step_(params, grads, buffers, 0.01, momentum, 0.0, 0.0, False, False, False,
+                                       grad_scale=scale)
+    for grad in grads:
+        assert torch.equal(grad, torch.full_like(grad, 0.5))
+
+
+def test_bfloat16_sgd_step_over_more_than_2_31_elements():
+    """One tensor of 2^31 + 1000 bf16 elements (64-bit indexing in the kernels, int32 chunk
+    numbers in the tables): slices at the start, around element 2^31 and at the end against the
+    reference math on those slices, computed before the step; the rest is not copied off the
+    GPU."""
+    numel = 2**31 + 1000
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    param = torch.randn(numel, generator=gen, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(numel, generator=gen, device="cuda", dtype=torch.bfloat16)
+    slices = [slice(0, 4096), slice(2**31 - 3000, 2**31 + 3000), slice(numel - 5000, numel)]
+    want = [param[s].clone() for s in slices]
+    hyper = dict(lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.1, nesterov=False, maximize=False,
+                 first_step=False)
+    reference.sgd_step_(want, [grad[s].clone() for s in slices], [], **hyper)
+    torch.ops.fusedtrain.sgd_step_([param], [grad], [], **hyper)
+    for s, w in zip(slices, want):
+        torch.testing.assert_close(param[s], w, atol=1e-2, rtol=1e-2)
+    del param, grad
+    torch.cuda.empty_cache()
+
+
+def test_captured_sgd_step_replays_like_eager_torch_sgd():
+    """fusedtrain.optim.SGD with momentum captured after a warm-up (which creates the momentum
+    buffers), replayed with new gradients and a new tensor lr each time, against torch.optim.SGD
+    stepping eagerly."""
+    shapes = [(64, 33), (33,), (), (70001,)]
+    warmup_steps, replays = 2, 4
+    g = torch.Generator().manual_seed(14)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g).cuda()) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [[torch.randn(s, generator=g).cuda() for s in shapes] for _ in range(warmup_steps + replays)]
+    lrs = [0.01] * warmup_steps + [0.02, 0.005, 0.03, 0.001]
+    lr = torch.tensor(lrs[0], device="cuda")
+    kwargs = dict(momentum=0.9, weight_decay=0.01, nesterov=True)
+    opt = fusedtrain.optim.SGD(ours, lr=lr, **kwargs)
+    eager = torch.optim.SGD(theirs, lr=lrs[0], foreach=False, **kwargs)
+    for p in ours:
+        p.grad = torch.zeros_like(p)
+
+    def eager_step(k):
+        for p, grad in zip(theirs, grads[k]):
+            p.grad = grad.clone()
+        eager.param_groups[0]["lr"] = lr.item()  # the float32 value that ours reads
+        eager.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(warmup_steps):
+            for p, grad in zip(ours, grads[k]):
+                p.grad.copy_(grad)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for k in range(warmup_steps):
+        eager_step(k)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(warmup_steps, warmup_steps + replays):
+        lr.fill_(lrs[k])
+        for p, grad in zip(ours, grads[k]):
+            p.grad.copy_(grad)
+        graph.replay()
+        eager_step(k)
+    torch.cuda.synchronize()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], eager.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adam", {"lr": 1e-3}), ("SGD", {"lr": 0.01, "momentum": 0.9})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grad_scaler_with_fused_optimizers_matches_torch_fused(name, kwargs, dtype):
+    """torch.amp.GradScaler hands grad_scale and found_inf to fusedtrain.optim as to torch's
+    fused optimizers: the same params, state and scale after a run whose third step has an inf
+    gradient, a step that both skip (params and step counts as before it). float32 params under
+    fp16 autocast; float16 params as they are."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).cuda().to(dtype)
+    twin = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).cuda().to(dtype)
+    twin.load_state_dict(model.state_dict())
+    ours = getattr(fusedtrain.optim, name)(model.parameters(), **kwargs)
+    theirs = getattr(torch.optim, name)(twin.parameters(), fused=True, **kwargs)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    x = torch.randn(64, 32, device="cuda", dtype=dtype)
+    y = torch.randn(64, 1, device="cuda", dtype=dtype)
+    inf_step = 2
+    for step in range(8):
+        before = [p.detach().clone() for p in model.parameters()]
+        for m, opt, scaler in ((model, ours, scalers[0]), (twin, theirs, scalers[1])):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float32):
+                loss = torch.nn.functional.mse_loss(m(x).float(), y.float())
+            scaler.scale(loss).backward()
+            if step == inf_step:
+                next(m.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if step == inf_step:
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p, b), "the step with an inf gradient was not skipped"
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **tol)
+        for key, value in theirs.state[q].items():
+            if key == "step":
+                assert float(ours.state[p][key]) == float(value) == 7  # 8 steps, one skipped
+            else:
+                torch.testing.assert_close(ours.state[p][key], value, **tol)
+
+
+# ---- The train step under CUDA graphs, its memory at large `in` -------------------------------
+
+def cuda_train_step_problem(out, has_bias, hyper, seed, n=300, inp=40):
+    """x, target, params and state on the GPU (random state, as train_step_state makes it)."""
+    x, target, params, g = train_step_problem(torch.float32, n, inp, out, has_bias, seed=seed)
+    state = train_step_state(params, hyper, g)
+    return x.cuda(), target.cuda(), [p.cuda() for p in params], [s.cuda() for s in state]
+
+
+@pytest.mark.parametrize("out", [4, 40])
+@pytest.mark.parametrize("optimizer", ["adamw-amsgrad-maximize", "sgd-nesterov-resumed-maximize"])
+def test_captured_train_step_replays_like_eager_steps(out, optimizer):
+    """linear_mse_train_step_ captured once (after a warm-up), replayed on new batches copied into
+    the static inputs, against the same op run eagerly on twins of the params and state: one
+    fused cooperative launch for out 4 (bit for bit: its sums run in a fixed order), GEMMs and
+    the optimizer kernels for out 40 (its loss is summed with atomics, in no fixed order)."""
+    hyper = train_step_hyper(**TRAIN_STEP_OPTIMIZERS[optimizer])
+    x, target, params, state = cuda_train_step_problem(out, True, hyper, seed=out)
+    twin_params, twin_state = [p.clone() for p in params], [s.clone() for s in state]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    batches = [(torch.randn(x.shape, generator=g, device="cuda"), torch.randn(target.shape, generator=g, device="cuda"))
+               for _ in range(5)]
+    op = torch.ops.fusedtrain.linear_mse_train_step_
+    static_x, static_target = x.clone(), target.clone()
+    tol = dict(rtol=0, atol=0) if out <= 16 else dict(rtol=1e-4, atol=1e-5)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (cuBLAS handles, the grid's occupancy query)
+        op(static_x, static_target, *params, reference.MEAN, state, **hyper)
+    torch.cuda.current_stream().wait_stream(side)
+    op(static_x, static_target, *twin_params, reference.MEAN, twin_state, **hyper)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = op(static_x, static_target, *params, reference.MEAN, state, **hyper)
+    for bx, by in batches:
+        static_x.copy_(bx)
+        static_target.copy_(by)
+        graph.replay()
+        want = op(bx, by, *twin_params, reference.MEAN, twin_state, **hyper)
+        torch.testing.assert_close(static_loss, want, **tol)
+    torch.cuda.synchronize()
+    for got, want in zip(params + state, twin_params + twin_state):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_two_captured_train_steps_replay_back_to_back_and_at_once():
+    """Two train steps (two models) captured on the same stream, then replayed one after the other
+    and at the same time on two streams: each equals the same steps run eagerly. Nothing is
+    shared between launches (no counter per stream), so concurrent replays cannot interfere."""
+    hyper = train_step_hyper(adam=True, amsgrad=True, weight_decay=0.1)
+    problems = [cuda_train_step_problem(3, True, hyper, seed=40 + k, n=2000, inp=300) for k in range(2)]
+    twins = [([p.clone() for p in params], [s.clone() for s in state]) for _, _, params, state in problems]
+    op = torch.ops.fusedtrain.linear_mse_train_step_
+    capture_stream = torch.cuda.Stream()
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    graphs, losses = [], []
+    for x, target, params, state in problems:
+        with torch.cuda.stream(capture_stream):
+            op(x, target, *params, reference.MEAN, state, **hyper)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            losses.append(op(x, target, *params, reference.MEAN, state, **hyper))
+        graphs.append(graph)
+    torch.cuda.current_stream().wait_stream(capture_stream)
+
+    def eager_steps(count):
+        wants = []
+        for (x, target, _, _), (params, state) in zip(problems, twins):
+            for _ in range(count):
+                wants.append(op(x, target, *params, reference.MEAN, state, **hyper))
+        return wants
+
+    eager_steps(1)  # the warm-up steps
+    for _ in range(3):  # back to back
+        for graph in graphs:
+            graph.replay()
+    wants = eager_steps(3)
+    torch.testing.assert_close(losses, [wants[2], wants[5]], rtol=0, atol=0)
+    streams = [torch.cuda.Stream() for _ in graphs]
+    for _ in range(4):  # at once
+        for stream, graph in zip(streams, graphs):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+    wants = eager_steps(4)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(losses, [wants[3], wants[7]], rtol=0, atol=0)
+    for (_, _, params, state), (twin_params, twin_state) in zip(problems, twins):
+        for got, want in zip(params + state, twin_params + twin_state):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_narrow_train_step_at_large_in_stays_bounded_in_memory():
+    """in = 2e6, out = 16, 256 rows: the fused kernel splits the columns over its blocks, so its
+    scratch is one weight-sized partial gradient and small partial predictions (a partial
+    gradient per block would take a weight per block, 128 MB each). One SGD step against the
+    reference in fp64 on the GPU."""
+    n, inp, out = 256, 2_000_000, 16
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(n, inp, generator=gen, device="cuda")
+    target = torch.randn(n, out, generator=gen, device="cuda")
+    weight = torch.randn(out, inp, generator=gen, device="cuda") * 1e-3
+    bias = torch.randn(out, generator=gen, device="cuda")
+    hyper = train_step_hyper(momentum=0.9, first_step=True)
+    buffers = [torch.empty_like(weight), torch.empty_like(bias)]
+    want_params = [weight.double(), bias.double()]
+    want_buffers = [torch.empty_like(p) for p in want_params]
+    want_loss = reference_train_step(x.double(), target.double(), want_params, reference.MEAN, want_buffers, hyper)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = torch.ops.fusedtrain.linear_mse_train_step_(x, target, weight, bias, reference.MEAN, buffers, **hyper)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - before
+    weight_bytes = weight.numel() * weight.element_size()
+    assert growth <= weight_bytes + 64 * 2**20, f"{growth / 2**20:.0f} MB of scratch for a {weight_bytes / 2**20:.0f} MB weight"
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
+    for got, want in zip([weight, bias] + buffers, want_params + want_buffers):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# ---- A second GPU ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_and_optimizers_on_the_second_gpu_while_the_first_is_current():
+    """Tensors on cuda:1 while cuda:0 is the current device: the CUDA ops, the Triton ops and
+    fusedtrain.optim run on cuda:1 and give what the same calls give on cuda:0."""
+    import fusedtrain.triton
+
+    torch.cuda.set_device(0)
+    hyper = train_step_hyper(adam=True, amsgrad=True)
+    x, target, params, state = cuda_train_step_problem(3, True, hyper, seed=50)
+    calls = {
+        "cuda linear_mse_train_step_": lambda xs, ts, ps, ss: torch.ops.fusedtrain.linear_mse_train_step_(
+            xs, ts, *ps, reference.MEAN, ss, **hyper),
+        "cuda linear_mse_fwd_bwd": lambda xs, ts, ps, ss: torch.ops.fusedtrain.linear_mse_fwd_bwd(
+            xs, *ps, ts, reference.MEAN, True),
+        "triton linear_mse_train_step_": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_train_step_(
+            xs, ts, *ps, reference.MEAN, ss, *[hyper[k] for k in TRITON_TRAIN_STEP_ARGS]),
+        "triton linear_mse_fwd_bwd": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_fwd_bwd(
+            xs, *ps, ts, reference.MEAN, True),
+    }
+    for name, call in calls.items():
+        on = {}
+        for device in ("cuda:0", "cuda:1"):
+            tensors = [x.to(device, copy=True), target.to(device, copy=True),
+                       [p.to(device, copy=True) for p in params], [s.to(device, copy=True) for s in state]]
+            result = call(*tensors)
+            on[device] = [t.cpu() for t in (list(result) if isinstance(result, tuple) else [result])
+                          + tensors[2] + tensors[3]]
+        assert torch.cuda.current_device() == 0
+        for a, b in zip(on["cuda:0"], on["cuda:1"]):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+    for backend in ("native", "triton"):
+        for name, kwargs in [("Adam", {"lr": 0.01, "amsgrad": True}), ("SGD", {"lr": 0.01, "momentum": 0.9})]:
+            on = {}
+            for device in ("cuda:0", "cuda:1"):
+                torch.manual_seed(0)
+                model = torch.nn.Linear(20, 3).to(device)
+                opt = getattr(fusedtrain.optim, name)(model.parameters(), backend=backend, **kwargs)
+                for _ in range(3):
+                    opt.zero_grad()
+                    torch.nn.functional.mse_loss(model(x.to(device)[:, :20]), target.to(device)).backward()
+                    opt.step()
+                on[device] = [p.detach().cpu() for p in model.parameters()]
+            assert torch.cuda.current_device() == 0
+            for a, b in zip(on["cuda:0"], on["cuda:1"]):
+                torch.testing.assert_close(a, b, msg=lambda m: f"{backend} {name}: {m}")
+
+
+# fusedtrain.triton.linear_mse_train_step_'s arguments after `state`, in order (first_step last).
+TRITON_TRAIN_STEP_ARGS = ["adam", "lr", "weight_decay", "maximize", "beta1", "beta2", "eps", "decoupled",
+                          "amsgrad", "momentum", "dampening", "nesterov", "first_step"]

@@ -24,6 +24,10 @@ inline cudaStream_t native(const c10::Stream& stream) {
   return static_cast<cudaStream_t>(stream.native_handle());
 }
 
+inline void check_cuda(cudaError_t error, const char* call) {
+  TORCH_CHECK(error == cudaSuccess, "fusedtrain: ", call, " failed: ", cudaGetErrorString(error));
+}
+
 inline void check_launch() {
   const cudaError_t error = cudaGetLastError();
   TORCH_CHECK(error == cudaSuccess, "fusedtrain CUDA kernel launch failed: ", cudaGetErrorString(error));

@@ -1,22 +1,34 @@
 // CUDA implementations of fusedtrain::linear_mse_fwd_bwd and fusedtrain::linear_mse_train_step_
 // (the math: linear_mse_math.h; the optimizer updates: adam_math.h and sgd_math.h, as on the CPU).
 //
-// Small outputs (out <= kMaxFusedOut): ONE kernel. Each block walks blocks of kRows rows: a
-// warp per row computes all `out` dot products in one pass over the row (lane-strided loads,
-// warp-shuffle reduction), the residuals and dloss/dpred; then the block's threads, one column k
-// each, add g[r][o] * x[r][k] into the block's partial weight gradient (and write grad_x). The
-// last block to finish (an atomic ticket) sums the blocks' partials element by element and hands
-// each sum to the op's last-block step: fwd_bwd stores it in grad_weight / grad_bias; the train
-// step applies the Adam or SGD element update to that element of weight or bias at once. Every
-// block reads weight and bias in its forward, but the ticket says they have all finished, so
-// the whole training step (forward, backward, reduction, update) is a single launch with no host
-// synchronisation: Adam's step counts are read and incremented on the device, the loss is
-// stored finished, and the train step's ticket counter (one per stream) is back at zero after
-// every launch, so no memset precedes it.
-// Large outputs: the prediction of a block of rows comes from a GEMM (ATen, so cuBLAS), one
-// kernel turns it into dloss/dpred in place while summing the loss, and GEMMs accumulate the
-// gradients: memory grows by one block, as on the CPU. The train step then runs the optimizer
-// kernels of optim_cuda.cu on weight and bias.
+// Small outputs (out <= kMaxFusedOut): ONE kernel, launched cooperatively (every block resident
+// at once, so blocks can wait for each other at grid-wide barriers), on a grid sized by
+// co-residency and split into row groups x column groups (fused_grid.h). In phases:
+//   1. (only with several column groups) each block's partial dot products over its columns,
+//      a warp per row; barrier; the partials summed per (row, output), spread over the grid,
+//      into the residuals, the loss and dloss/dpred; barrier.
+//   2. per row chunk of the block's row group: dloss/dpred of the chunk's rows in shared memory
+//      (computed here, a warp per row, with one column group; else read), then a thread per
+//      column of the block's column group adds g[r][o] * x[r][k] into the row group's partial
+//      gradient (and writes grad_x). The block's loss goes to block_losses, and every thread
+//      reads what the update needs from memory that moves later (Adam's step counts). Barrier.
+//   3. every gradient element (grad_weight flattened, then grad_bias) summed over the row
+//      groups, spread over the grid, and handed to the op's Update: fwd_bwd stores it;
+//      the train step applies the Adam or SGD element update to that element of weight or bias.
+//      Every block read weight and bias before the barrier, so they can be rewritten now. Then
+//      block 0 sums the block losses in block order, stores the loss and moves the step counts.
+// The whole training step (forward, backward, reduction, update) is a single launch with no host
+// synchronisation and no state kept between launches: no counter to reset, nothing shared by
+// launches that run at once (two captured CUDA graphs replayed on two streams included). Every
+// sum runs in a fixed order for a given grid (grid_sum_parts), so results do not depend on
+// timing. The grid barrier (cooperative_groups' grid.sync()) needs the cooperative launch, not
+// separate compilation: the driver hands the kernel its barrier through special registers. A
+// cooperative launch can be captured into a CUDA graph (a kernel node with the cooperative
+// attribute).
+// Large outputs, or a device without cooperative launches: the prediction of a block of rows
+// comes from a GEMM (ATen, so cuBLAS), one kernel turns it into dloss/dpred in place while
+// summing the loss, and GEMMs accumulate the gradients: memory grows by one block, as on the
+// CPU. The train step then runs the optimizer kernels of optim_cuda.cu on weight and bias.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -24,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <ATen/ATen.h>
@@ -36,6 +49,7 @@
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/linear_mse_math.h"
 #include "fusedtrain/sgd_math.h"
+#include "fused_grid.h"
 #include "launch.cuh"
 #include "optim_cuda.h"
 
@@ -44,14 +58,12 @@ namespace cuda {
 namespace {
 
 constexpr int kMaxFusedOut = 16;
-constexpr int kThreads = 256;
+constexpr int kThreads = kFusedThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 32;           // rows per block iteration
-constexpr int kMaxBlocks = 256;     // partial gradients to reduce at the end
+constexpr int kRows = kFusedRows;
 constexpr int64_t kLargeOutBlockElements = int64_t{1} << 22;
 
-
-
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T>
 __device__ T warp_sum(T v) {
@@ -70,16 +82,20 @@ struct FusedArgs {
   T two_over_count;
   bool need_params;
   T* grad_x;        // n x in or null
-  T* partials;      // gridDim x (out * in + out): per-block grad_weight, grad_bias
+  FusedGrid grid;
+  int prediction_lanes;  // fused_reduce_lanes of the partial dot products
+  int gradient_lanes;    // and of the partial gradients
+  T* predictions;        // column_groups x n x out partial dot products (column_groups > 1);
+                         // column group 0's then holds dloss/dpred
+  T* partials;           // row_groups x (out * in + out): per row group grad_weight, grad_bias
   double* block_losses;  // gridDim
-  unsigned int* ticket;  // zero at the launch, and zero again after it
 };
 
-// What the last block does with the reduced results. A LastBlock has
-//   coeffs(): what each thread computes once before its elements;
+// What the kernel does with the reduced results. An Update has
+//   coeffs(): what each thread reads before the last barrier, as later reads may see it move;
 //   apply(coeffs, k, grad): element k of the gradient row (grad_weight flattened, then
 //     grad_bias) is `grad`;
-//   finish(loss_sum): after every apply() of the block, on one thread.
+//   finish(loss_sum): once, after the last barrier, on one thread.
 
 // fwd_bwd: the gradients and the sum of squared residuals are the outputs.
 template <typename T>
@@ -140,8 +156,8 @@ struct AdamUpdate {
   struct Coeffs {
     math::AdamCoeffs<T> of[2];
   };
-  // Every thread reads the step counts before finish() increments them (the kernel puts a
-  // barrier between the two), and folds the coefficients as optim_cuda.cu's kernel does.
+  // The step counts, read by every thread before the last barrier, after which finish()
+  // increments them; folded as optim_cuda.cu's kernel does.
   __device__ Coeffs coeffs() const {
     Coeffs c{};
     for (int i = 0; i < 2; ++i) {
@@ -192,123 +208,269 @@ struct SgdUpdate {
   __device__ void finish(double total) const { params.store_loss(total); }
 };
 
-template <typename T, typename LastBlock>
-__global__ void __launch_bounds__(kThreads) fused_linear_mse(FusedArgs<T> a, LastBlock last) {
+// Row `row`'s dot products with every output over columns [k_begin, k_end), on a warp
+// (lane-strided loads, then a shuffle reduction: the same order on every run); the sums land in
+// lane 0's dots.
+template <typename T>
+__device__ __forceinline__ void warp_dots(const FusedArgs<T>& a, int64_t row, int64_t k_begin,
+                                          int64_t k_end, int lane, T (&dots)[kMaxFusedOut]) {
+  const T* x = a.x + row * a.in;
+#pragma unroll
+  for (int o = 0; o < kMaxFusedOut; ++o) dots[o] = T(0);
+  for (int64_t k = k_begin + lane; k < k_end; k += 32) {
+    const T xk = x[k];
+#pragma unroll
+    for (int o = 0; o < kMaxFusedOut; ++o) {
+      if (o < a.out) dots[o] += xk * a.weight[o * a.in + k];
+    }
+  }
+#pragma unroll
+  for (int o = 0; o < kMaxFusedOut; ++o) {
+    if (o < a.out) dots[o] = warp_sum(dots[o]);
+  }
+}
+
+// For every element e of [0, count): f(e, the sum of parts[p * count + e] over p in [0, parts))
+// on one lane, the work spread over the whole grid. `lanes` lanes of a warp share an element:
+// lane j adds parts j, j + lanes, ... in order, then a fixed shuffle tree adds the lanes, so the
+// sum is the same on every run. Other blocks wrote `parts`: read through L2, as this SM's L1
+// may hold older lines of them. Every lane of a warp runs the loop alike, as the shuffles need.
+template <typename T, typename F>
+__device__ __forceinline__ void grid_sum_parts(const T* parts, int64_t count, int64_t num_parts,
+                                               int lanes, F&& f) {
+  const int lane = threadIdx.x % 32;
+  const int64_t per_warp = 32 / lanes;
+  const int64_t grid_warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t grid_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t base = grid_warp * per_warp; base < count; base += grid_warps * per_warp) {
+    const int64_t e = base + lane / lanes;
+    T sum = T(0);
+    if (e < count) {
+      for (int64_t p = lane % lanes; p < num_parts; p += lanes) sum += __ldcg(parts + p * count + e);
+    }
+    for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (e < count && lane % lanes == 0) f(e, sum);
+  }
+}
+
+template <typename T, typename Update>
+__global__ void __launch_bounds__(kThreads) fused_linear_mse(FusedArgs<T> a, Update update) {
+  namespace cg = cooperative_groups;
   __shared__ T g[kRows][kMaxFusedOut];
   __shared__ double warp_losses[kWarps];
-  __shared__ bool is_last;
+  const cg::grid_group grid = cg::this_grid();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row_group = blockIdx.x / a.grid.column_groups;
+  const int64_t column_group = blockIdx.x % a.grid.column_groups;
+  const int64_t k_begin = min64(a.in, column_group * a.grid.group_columns);
+  const int64_t k_end = min64(a.in, k_begin + a.grid.group_columns);
   const int64_t width = static_cast<int64_t>(a.out) * a.in + a.out;
-  T* partial = a.partials + blockIdx.x * width;
-  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) partial[k] = T(0);
-  __syncthreads();  // zeroed by other threads than the ones that accumulate into them
+  const int64_t residuals = a.n * a.out;
+  T* partial = a.partials + row_group * width;  // used only with need_params
   double loss = 0.0;
 
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRows; first < a.n;
-       first += static_cast<int64_t>(gridDim.x) * kRows) {
-    const int rows = static_cast<int>(a.n - first < kRows ? a.n - first : kRows);
-    // dloss/dpred of the block's rows, a warp per row
-    for (int r = warp; r < rows; r += kWarps) {
-      const T* x = a.x + (first + r) * a.in;
-      T dots[kMaxFusedOut];
-      for (int o = 0; o < a.out; ++o) dots[o] = T(0);
-      for (int64_t k = lane; k < a.in; k += 32) {
-        const T xk = x[k];
-        for (int o = 0; o < a.out; ++o) dots[o] += xk * a.weight[o * a.in + k];
-      }
-      for (int o = 0; o < a.out; ++o) {
-        const T pred = warp_sum(dots[o]) + (a.bias != nullptr ? a.bias[o] : T(0));
+  // This block's share of its row group's partial gradient, zeroed by the threads that add into
+  // it below (the same column k, the same bias output): no barrier needed in between.
+  if (a.need_params) {
+    for (int o = 0; o < a.out; ++o) {
+      for (int64_t k = k_begin + threadIdx.x; k < k_end; k += blockDim.x) partial[o * a.in + k] = T(0);
+    }
+    if (column_group == 0 && static_cast<int>(threadIdx.x) < a.out) partial[a.out * a.in + threadIdx.x] = T(0);
+  }
+
+  if (a.grid.column_groups > 1) {
+    // Phase 1: the partial dot products over this block's columns.
+    for (int64_t first = row_group * kRows; first < a.n; first += a.grid.row_groups * kRows) {
+      const int rows = static_cast<int>(min64(kRows, a.n - first));
+      for (int r = warp; r < rows; r += kWarps) {
+        T dots[kMaxFusedOut];
+        warp_dots(a, first + r, k_begin, k_end, lane, dots);
         if (lane == 0) {
-          const T residual = pred - a.target[(first + r) * a.out + o];
-          loss += static_cast<double>(residual) * static_cast<double>(residual);
-          g[r][o] = math::mse_grad(residual, a.two_over_count);
+          T* dst = a.predictions + (column_group * a.n + first + r) * a.out;
+#pragma unroll
+          for (int o = 0; o < kMaxFusedOut; ++o) {
+            if (o < a.out) dst[o] = dots[o];
+          }
         }
       }
     }
+    grid.sync();
+    // Their sums over the column groups into residuals, loss and dloss/dpred, stored in column
+    // group 0's place (read by the element's lanes only, which are done with it by then).
+    grid_sum_parts(a.predictions, residuals, a.grid.column_groups, a.prediction_lanes,
+                   [&](int64_t e, T dot) {
+                     const T pred = dot + (a.bias != nullptr ? a.bias[e % a.out] : T(0));
+                     const T residual = pred - a.target[e];
+                     loss += static_cast<double>(residual) * static_cast<double>(residual);
+                     a.predictions[e] = math::mse_grad(residual, a.two_over_count);
+                   });
+    grid.sync();
+  }
+
+  // Phase 2, per row chunk of this block's row group.
+  for (int64_t first = row_group * kRows; first < a.n; first += a.grid.row_groups * kRows) {
+    const int rows = static_cast<int>(min64(kRows, a.n - first));
+    if (a.grid.column_groups == 1) {
+      for (int r = warp; r < rows; r += kWarps) {
+        T dots[kMaxFusedOut];
+        warp_dots(a, first + r, 0, a.in, lane, dots);
+        if (lane == 0) {
+#pragma unroll
+          for (int o = 0; o < kMaxFusedOut; ++o) {
+            if (o >= a.out) continue;
+            const T pred = dots[o] + (a.bias != nullptr ? a.bias[o] : T(0));
+            const T residual = pred - a.target[(first + r) * a.out + o];
+            loss += static_cast<double>(residual) * static_cast<double>(residual);
+            g[r][o] = math::mse_grad(residual, a.two_over_count);
+          }
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < rows * a.out; i += blockDim.x) {
+        g[i / a.out][i % a.out] = __ldcg(a.predictions + first * a.out + i);
+      }
+    }
     __syncthreads();
-    // the block's partial gradients: thread k owns column k of every output
-    for (int64_t k = threadIdx.x; k < a.in; k += blockDim.x) {
+    // A thread per column of this block's group: its partial gradient and its grad_x.
+    for (int64_t k = k_begin + threadIdx.x; k < k_end; k += blockDim.x) {
       if (a.need_params) {
-        for (int o = 0; o < a.out; ++o) {
-          T acc = T(0);
-          for (int r = 0; r < rows; ++r) acc += g[r][o] * a.x[(first + r) * a.in + k];
-          partial[o * a.in + k] += acc;
+        T acc[kMaxFusedOut];
+#pragma unroll
+        for (int o = 0; o < kMaxFusedOut; ++o) acc[o] = T(0);
+        for (int r = 0; r < rows; ++r) {
+          const T xk = a.x[(first + r) * a.in + k];
+#pragma unroll
+          for (int o = 0; o < kMaxFusedOut; ++o) {
+            if (o < a.out) acc[o] += g[r][o] * xk;
+          }
+        }
+#pragma unroll
+        for (int o = 0; o < kMaxFusedOut; ++o) {
+          if (o < a.out) partial[o * a.in + k] += acc[o];
         }
       }
       if (a.grad_x != nullptr) {
+        T w[kMaxFusedOut];
+#pragma unroll
+        for (int o = 0; o < kMaxFusedOut; ++o) w[o] = o < a.out ? a.weight[o * a.in + k] : T(0);
         for (int r = 0; r < rows; ++r) {
           T acc = T(0);
-          for (int o = 0; o < a.out; ++o) acc += g[r][o] * a.weight[o * a.in + k];
+#pragma unroll
+          for (int o = 0; o < kMaxFusedOut; ++o) {
+            if (o < a.out) acc += g[r][o] * w[o];
+          }
           a.grad_x[(first + r) * a.in + k] = acc;
         }
       }
     }
-    if (a.need_params && threadIdx.x < a.out) {
+    if (a.need_params && column_group == 0 && static_cast<int>(threadIdx.x) < a.out) {
       T acc = T(0);
       for (int r = 0; r < rows; ++r) acc += g[r][threadIdx.x];
       partial[a.out * a.in + threadIdx.x] += acc;
     }
-    __syncthreads();  // g is rewritten by the next iteration
+    __syncthreads();  // g is rewritten by the next chunk
   }
 
-  // The block's loss, then its ticket. Each thread fences its own partial-gradient writes
-  // before the barrier, and thread 0 its loss before the atomic: when the last block sees the
-  // final ticket, every other block's results are visible device-wide, and every other block
-  // is done reading weight and bias, which the train step's last block then rewrites.
+  // The block's loss, in warp order.
   loss = warp_sum(loss);
   if (lane == 0) warp_losses[warp] = loss;
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     double block_loss = 0.0;
     for (int w = 0; w < kWarps; ++w) block_loss += warp_losses[w];
     a.block_losses[blockIdx.x] = block_loss;
-    __threadfence();
-    // atomicInc wraps to 0 on the last ticket: the counter is ready for the next launch
-    is_last = atomicInc(a.ticket, gridDim.x - 1) == gridDim.x - 1;
   }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  // The other blocks' results are read through L2 (__ldcg): this SM's L1 may hold lines of
-  // them from before they were written.
+  const auto coeffs = update.coeffs();
+  // Every block's partials and loss are written, and every block is done reading weight, bias
+  // and whatever coeffs() read.
+  grid.sync();
+
+  // Phase 3: each gradient element summed over the row groups, and applied.
   if (a.need_params) {
-    const auto coeffs = last.coeffs();
-    for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
-      T sum = T(0);
-      for (unsigned int b = 0; b < gridDim.x; ++b) sum += __ldcg(a.partials + b * width + k);
-      last.apply(coeffs, k, sum);
-    }
+    grid_sum_parts(a.partials, width, a.grid.row_groups, a.gradient_lanes,
+                   [&](int64_t e, T grad) { update.apply(coeffs, e, grad); });
   }
-  __syncthreads();  // every thread is done with what finish() changes (Adam's step counts)
-  if (threadIdx.x == 0) {
+
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
     double total = 0.0;
     for (unsigned int b = 0; b < gridDim.x; ++b) total += __ldcg(a.block_losses + b);
-    last.finish(total);
+    update.finish(total);
   }
 }
 
-int fused_blocks(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kRows - 1) / kRows, kMaxBlocks)));
+int current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
 }
 
-// One launch of the fused kernel over the call's rows; `ticket` must be zero.
-template <typename T, typename LastBlock>
-void launch_fused(const LinearMseCall& c, bool need_grad_params, T* grad_x, unsigned int* ticket,
-                  const LastBlock& last, cudaStream_t stream) {
-  const int blocks = fused_blocks(c.n);
+// Whether the current device runs cooperative launches, which the fused kernel needs.
+bool fused_path_available() {
+  int cooperative = 0;
+  check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, current_device()),
+             "cudaDeviceGetAttribute");
+  return cooperative != 0;
+}
+
+// How many blocks of `kernel` (kThreads threads, static shared memory only) `device` holds at
+// once: the largest cooperative grid. Asked once per kernel and device.
+int coresident_blocks(const void* kernel, int device) {
+  static std::mutex mutex;
+  // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
+  static auto* cache = new std::map<std::pair<const void*, int>, int>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache->find({kernel, device});
+  if (found != cache->end()) return found->second;
+  int sms = 0, per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  cache->emplace(std::make_pair(kernel, device), per_sm * sms);
+  return per_sm * sms;
+}
+
+// One cooperative launch of the fused kernel over the call's rows, on the current device (which
+// fused_path_available() accepted).
+template <typename T, typename Update>
+void launch_fused(const LinearMseCall& c, bool need_grad_params, T* grad_x, const Update& update,
+                  cudaStream_t stream) {
+  const void* kernel = reinterpret_cast<const void*>(&fused_linear_mse<T, Update>);
+  const int device = current_device();
   const auto opts = c.x.options();
-  // freed while the kernel may still run: the caching allocator hands the memory only to work
-  // ordered after it on this stream
-  at::Tensor partials = at::empty({blocks, c.out * c.in + c.out}, opts);
-  at::Tensor block_losses = at::empty({blocks}, opts.dtype(at::kDouble));
-  const FusedArgs<T> args{c.x.data_ptr<T>(), c.weight.data_ptr<T>(),
-                          c.bias.defined() ? c.bias.data_ptr<T>() : nullptr,
-                          c.target.data_ptr<T>(), c.n, c.in, static_cast<int>(c.out),
-                          static_cast<T>(c.two_over_count), need_grad_params, grad_x,
-                          partials.data_ptr<T>(), block_losses.data_ptr<double>(), ticket};
-  fused_linear_mse<T, LastBlock><<<blocks, kThreads, 0, stream>>>(args, last);
-  check_launch();
+  const int64_t width = c.out * c.in + c.out;
+  // A device shared with other work (MPS, green contexts) may hold fewer blocks than its
+  // multiprocessors suggest: the launch says so, and a smaller grid tries again.
+  for (int most = coresident_blocks(kernel, device);; most /= 2) {
+    TORCH_CHECK(most >= 1, "fusedtrain: the device runs no cooperative launch of fused_linear_mse");
+    const FusedGrid grid = choose_fused_grid(c.n, c.in, c.out, need_grad_params, most);
+    // Freed while the kernel may still run: the caching allocator hands the memory only to
+    // work ordered after it on this stream (and keeps it for a graph being captured).
+    const at::Tensor predictions =
+        at::empty({grid.column_groups > 1 ? grid.column_groups * c.n * c.out : 0}, opts);
+    const at::Tensor partials = at::empty({need_grad_params ? grid.row_groups * width : 0}, opts);
+    const at::Tensor block_losses = at::empty({grid.blocks()}, opts.dtype(at::kDouble));
+    const int64_t threads = static_cast<int64_t>(grid.blocks()) * kThreads;
+    FusedArgs<T> args{c.x.data_ptr<T>(), c.weight.data_ptr<T>(),
+                      c.bias.defined() ? c.bias.data_ptr<T>() : nullptr,
+                      c.target.data_ptr<T>(), c.n, c.in, static_cast<int>(c.out),
+                      static_cast<T>(c.two_over_count), need_grad_params, grad_x, grid,
+                      fused_reduce_lanes(c.n * c.out, grid.column_groups, threads),
+                      fused_reduce_lanes(width, grid.row_groups, threads),
+                      predictions.data_ptr<T>(), partials.data_ptr<T>(),
+                      block_losses.data_ptr<double>()};
+    Update launched_update = update;
+    void* kernel_args[] = {&args, &launched_update};
+    const cudaError_t error =
+        cudaLaunchCooperativeKernel(kernel, grid.blocks(), kThreads, kernel_args, 0, stream);
+    if (error == cudaErrorCooperativeLaunchTooLarge && most > 1) {
+      (void)cudaGetLastError();  // clears it, so that check_launch() sees only later errors
+      continue;
+    }
+    TORCH_CHECK(error == cudaSuccess, "fusedtrain: fused_linear_mse launch failed: ",
+                cudaGetErrorString(error));
+    return;
+  }
 }
 
 // Large outputs: rows of the predicted block into dloss/dpred, in place; squared residuals
@@ -348,13 +510,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
   at::Tensor loss_sum = at::zeros({}, opts.dtype(at::kDouble));
   const cudaStream_t stream = native(current_stream(x.device()));
 
-  if (out <= kMaxFusedOut) {
-    at::Tensor ticket = at::zeros({1}, opts.dtype(at::kInt));
-    const StoreGradients<T> last{need_grad_params ? grad_weight.data_ptr<T>() : nullptr,
-                                 need_grad_params && b.defined() ? grad_bias.data_ptr<T>() : nullptr,
-                                 out * in, loss_sum.data_ptr<double>()};
-    launch_fused<T>(c, need_grad_params, need_grad_x ? grad_x.data_ptr<T>() : nullptr,
-                    reinterpret_cast<unsigned int*>(ticket.data_ptr<int>()), last, stream);
+  if (out <= kMaxFusedOut && fused_path_available()) {
+    const StoreGradients<T> store{need_grad_params ? grad_weight.data_ptr<T>() : nullptr,
+                                  need_grad_params && b.defined() ? grad_bias.data_ptr<T>() : nullptr,
+                                  out * in, loss_sum.data_ptr<double>()};
+    launch_fused<T>(c, need_grad_params, need_grad_x ? grad_x.data_ptr<T>() : nullptr, store,
+                    stream);
   } else {
     const int64_t block = std::min(n, std::max<int64_t>(1, kLargeOutBlockElements / out));
     at::Tensor grad_pred_block = at::empty({block, out}, opts);
@@ -401,22 +562,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cu
   return fwd_bwd<float>(x, weight, bias, target, reduction, need_grad_x, need_grad_params);
 }
 
-// The ticket counter of the train step's fused kernel on `stream`: zeroed once (on that stream,
-// the current one), then back at zero after every launch (the last block's atomicInc wraps it),
-// so a step needs no memset before its launch. Launches on one stream run one after another and
-// can share a counter; each stream has its own.
-unsigned int* stream_ticket(const c10::Stream& stream) {
-  static std::mutex mutex;
-  // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
-  static auto* tickets = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& ticket = (*tickets)[{stream.device_index(), stream.id()}];
-  if (!ticket.defined()) {
-    ticket = at::zeros({1}, at::TensorOptions().device(stream.device()).dtype(at::kInt));
-  }
-  return reinterpret_cast<unsigned int*>(ticket.data_ptr<int>());
-}
-
 // The optimizer state of a train step (its order: csrc/cpu/linear_mse_fit.h) and the params it
 // updates in place, checked before anything runs. Adam's step counts are float32 on the device,
 // where the kernels read and increment them.
@@ -452,8 +597,7 @@ template <typename T>
 at::Tensor fused_train_step(const LinearMseCall& c, int64_t reduction,
                             const std::vector<at::Tensor>& params, at::TensorList state,
                             const cpu::FitOptimizer& o) {
-  const c10::Stream stream = current_stream(c.x.device());
-  unsigned int* ticket = stream_ticket(stream);
+  const cudaStream_t stream = native(current_stream(c.x.device()));
   at::Tensor loss = at::empty({}, c.x.options());
   const size_t n = params.size();
   const TrainedParams<T> trained{
@@ -465,9 +609,7 @@ at::Tensor fused_train_step(const LinearMseCall& c, int64_t reduction,
   const auto state_of = [&](size_t group, size_t i) -> T* {
     return i < n ? state[group * n + i].data_ptr<T>() : nullptr;
   };
-  const auto launch = [&](const auto& last) {
-    launch_fused<T>(c, true, nullptr, ticket, last, native(stream));
-  };
+  const auto launch = [&](const auto& update) { launch_fused<T>(c, true, nullptr, update, stream); };
   if (o.adam) {
     const AdamHyper h{o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.decoupled, o.maximize};
     const size_t steps = o.amsgrad ? 3 : 2;
@@ -507,8 +649,8 @@ at::Tensor fused_train_step(const LinearMseCall& c, int64_t reduction,
 }
 
 // The train step, no host synchronisation: for small out one launch (fused_train_step); for
-// large out the GEMM forward/backward, then the optimizer kernels on weight and bias. `state` is
-// ordered as in csrc/cpu/linear_mse_fit.h.
+// large out (or without cooperative launches) the GEMM forward/backward, then the optimizer
+// kernels on weight and bias. `state` is ordered as in csrc/cpu/linear_mse_fit.h.
 at::Tensor linear_mse_train_step_cuda(const at::Tensor& x, const at::Tensor& target,
                                       const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t reduction,
@@ -527,7 +669,7 @@ at::Tensor linear_mse_train_step_cuda(const at::Tensor& x, const at::Tensor& tar
   check_train_step_params(kOp, params, state, o);
   const c10::DeviceGuard guard(x.device());
   const at::NoGradGuard no_grad;
-  if (weight.size(0) <= kMaxFusedOut) {
+  if (weight.size(0) <= kMaxFusedOut && fused_path_available()) {
     const LinearMseCall c = prepare_linear_mse(x, weight, bias, target, reduction, false, false);
     if (x.scalar_type() == at::kDouble) return fused_train_step<double>(c, reduction, params, state, o);
     return fused_train_step<float>(c, reduction, params, state, o);

@@ -1,9 +1,11 @@
-// Tests the host side of the CUDA multi-tensor launcher (csrc/cuda/multi_tensor_apply.cuh)
-// without a GPU: the tables that for_each_chunk_table hands to each launch, read back with the
-// kernels' own chunk_begin/chunk_size, must cover every element of every tensor exactly once,
-// with only the slots and chunks a table can hold; for_each_step_table must hand over every
-// step counter exactly once. Needs no torch and no test framework: one line per failed check,
-// and the exit status is 1 if any check failed.
+// Tests the host side of the CUDA kernels without a GPU. The multi-tensor launcher
+// (csrc/cuda/multi_tensor_apply.cuh): the tables that for_each_chunk_table hands to each
+// launch, read back with the kernels' own chunk_begin/chunk_size, must cover every element of
+// every tensor exactly once, with only the slots and chunks a table can hold;
+// for_each_step_table must hand over every step counter exactly once. The grid of the fused
+// linear + MSE kernel (csrc/cuda/fused_grid.h): within the co-resident blocks, covering every
+// row and column, with scratch memory bounded by the problem's size. Needs no torch and no test
+// framework: one line per failed check, and the exit status is 1 if any check failed.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cuda/fused_grid.h"
 #include "../cuda/multi_tensor_apply.cuh"
 
 namespace {
@@ -119,6 +122,65 @@ void check_step_tables(size_t count) {
   check(seen == steps, std::to_string(count) + " step counters not handed over once each, in order");
 }
 
+// The fused kernel's grid for x (n, in) and `out` outputs over at most max_blocks blocks.
+void check_fused_grid(int64_t n, int64_t in, int64_t out, bool need_params, int max_blocks) {
+  using namespace fusedtrain::cuda;
+  const FusedGrid g = choose_fused_grid(n, in, out, need_params, max_blocks);
+  const std::string where = "fused grid n=" + std::to_string(n) + " in=" + std::to_string(in) +
+                            " out=" + std::to_string(out) + " blocks<=" + std::to_string(max_blocks);
+  const int64_t row_chunks = std::max<int64_t>(1, (n + kFusedRows - 1) / kFusedRows);
+  check(g.row_groups >= 1 && g.column_groups >= 1 && g.blocks() <= std::max(1, max_blocks),
+        where + ": " + std::to_string(g.row_groups) + " x " + std::to_string(g.column_groups));
+  // Each row group has a row chunk (or the one empty chunk of n = 0); every column is in a group.
+  check(g.row_groups <= row_chunks, where + ": a row group without rows");
+  check(g.column_groups * g.group_columns >= in && g.group_columns >= 0 &&
+            (g.column_groups == 1 || g.group_columns >= kMinGroupColumns / 2),
+        where + ": columns " + std::to_string(g.column_groups) + " x " + std::to_string(g.group_columns));
+  // Scratch: at most about half of x (partial gradients of row groups of >= 32 rows) plus a
+  // sixteenth (partial dot products of column groups of >= 256 columns) plus weight and target.
+  const int64_t scratch = fused_scratch_elements(g, n, in, out, need_params);
+  const int64_t bound = n * in / 2 + n / 2 + n * in / 16 + n * out + 2 * (out * in + out);
+  check(scratch <= bound, where + ": scratch " + std::to_string(scratch) + " > " + std::to_string(bound));
+  // The reduction's lanes: a power of two up to a warp, no more than the row groups, and more
+  // than one only while the elements times the lanes fit the grid's threads.
+  const int64_t width = out * in + out;
+  const int64_t threads = static_cast<int64_t>(g.blocks()) * kFusedThreads;
+  const int lanes = fused_reduce_lanes(width, g.row_groups, threads);
+  check(lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0 &&
+            (lanes == 1 || (lanes <= g.row_groups && width * lanes <= threads)),
+        where + ": " + std::to_string(lanes) + " reduce lanes");
+}
+
+void check_fused_grids() {
+  using namespace fusedtrain::cuda;
+  const int64_t ns[] = {0, 1, 31, 33, 5000, 1000000};
+  const int64_t ins[] = {0, 1, 33, 255, 257, 4096, 100000, 2000000};
+  const int64_t outs[] = {0, 1, 16};
+  const int max_blocks[] = {1, 7, 264, 1056};
+  for (int64_t n : ns)
+    for (int64_t in : ins)
+      for (int64_t out : outs)
+        for (int most : max_blocks)
+          for (bool need_params : {true, false}) check_fused_grid(n, in, out, need_params, most);
+
+  // Wide and short, the case of the issue (in = 2e6, out = 16): the columns are split, and the
+  // scratch is one weight-sized partial gradient plus small partial predictions, where 256
+  // partial gradients (the former design) took 256 x 32M elements.
+  const int64_t in = 2000000, out = 16, n = 256;
+  const FusedGrid wide = choose_fused_grid(n, in, out, true, 1056);
+  check(wide.row_groups == 1 && wide.column_groups > 1 && wide.blocks() >= 1000,
+        "wide problem: " + std::to_string(wide.row_groups) + " x " + std::to_string(wide.column_groups));
+  check(fused_scratch_elements(wide, n, in, out, true) <= (out * in + out) + wide.column_groups * n * out,
+        "wide problem: more scratch than one partial gradient and the partial predictions");
+  // Tall and narrow: rows split over every block, columns not.
+  const FusedGrid tall = choose_fused_grid(1000000, 64, 1, true, 1056);
+  check(tall.column_groups == 1 && tall.row_groups == 1056,
+        "tall problem: " + std::to_string(tall.row_groups) + " x " + std::to_string(tall.column_groups));
+  // Fewer blocks than the device holds when the problem is small: no block without work.
+  const FusedGrid small = choose_fused_grid(100, 33, 4, true, 1056);
+  check(small.row_groups == 4 && small.column_groups == 1, "small problem: not 4 x 1");
+}
+
 }  // namespace
 
 int main() {
@@ -152,6 +214,8 @@ int main() {
   for (size_t count : {size_t{0}, size_t{1}, size_t{StepTable::kMaxSteps}, size_t{StepTable::kMaxSteps + 1}, size_t{1000}}) {
     check_step_tables(count);
   }
+
+  check_fused_grids();
 
   std::printf("%s (%d failed checks)\n", failed_checks == 0 ? "OK" : "FAILED", failed_checks);
   return failed_checks == 0 ? 0 : 1;
