@@ -42,7 +42,7 @@ def test_fit_and_fused_train_step_with_triton_backend_match_native():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_compiled_kernels_on_cuda_match_native():
-    _run_checks("op", "refused", "backend", device="cuda")
+    _run_checks("op", "refused", "backend", "no_sync", device="cuda")
 
 
 # ---- The checks, run in the subprocess ------------------------------------------------------
@@ -205,11 +205,31 @@ def _check_backend(device: str) -> None:
             print(f"{where}: ok")
 
 
+def _check_no_sync(device: str) -> None:
+    """On CUDA, a train step of each optimizer never waits for the device (torch's sync debug
+    mode turns any synchronization into an error): the step counts stay on the device."""
+    from fusedtrain.triton import linear_mse_train_step_
+
+    for name in ("adam-amsgrad-decay-maximize", "sgd-nesterov-decay"):
+        update = UPDATES[name]
+        x, y, weight, bias = _problem(40, 7, 2, True, torch.float32, device, 5)
+        state = _state(update, weight, bias)
+        linear_mse_train_step_(x, y, weight, bias, 1, state, *update.values(), True)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            linear_mse_train_step_(x, y, weight, bias, 1, state, *update.values(), False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print(f"{name}: no synchronization with the device")
+
+
 def _main(device: str, *checks: str) -> None:
     assert (os.environ.get("TRITON_INTERPRET") == "1") == (device == "cpu"), \
         "CPU tensors need TRITON_INTERPRET=1, CUDA ones not"
     for what in checks:
-        {"op": _check_op, "refused": _check_refused, "backend": _check_backend}[what](device)
+        {"op": _check_op, "refused": _check_refused, "backend": _check_backend,
+         "no_sync": _check_no_sync}[what](device)
 
 
 if __name__ == "__main__":
