@@ -15,9 +15,11 @@ SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh", ".txt")
 
 
 def source_digest(csrc: Path) -> str:
-    """SHA-256 over the relative paths and contents of every source file under `csrc`."""
+    """SHA-256 over the relative paths and contents of every source file under `csrc` that the
+    extension is built from (csrc/tests/ holds C++ tests, not part of it)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES):
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
+                       and p.relative_to(csrc).parts[0] != "tests"):
         digest.update(path.relative_to(csrc).as_posix().encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())

@@ -17,6 +17,7 @@ read them; csrc/stack_spec.h holds the same values).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -108,7 +109,9 @@ def describe_model(model: nn.Module) -> tuple[list[nn.Linear], list[int], list[f
     if type(model) is nn.Linear:  # traced, its forward would be F.linear on its own params
         steps = [_Step("model", "torch.nn.Linear", linear=model)]
     else:
-        steps = _chain(model)
+        steps = _sequential_steps(model, "")
+        if steps is None:
+            steps = _traced_steps(model)
     linears, names, activations, activation_params = [], [], [], []
     for step in steps:
         if step.linear is not None:
@@ -127,6 +130,47 @@ def describe_model(model: nn.Module) -> tuple[list[nn.Linear], list[int], list[f
         raise TypeError(f"fusedtrain: the model has no nn.Linear layer; {SUPPORTED_MODELS}")
     _check_layers(linears, names)
     return linears, activations, activation_params
+
+
+def _sequential_steps(module: nn.Module, prefix: str) -> list[_Step] | None:
+    """The steps of a plain nn.Sequential of Linear, Identity, activation modules and nested plain
+    nn.Sequential, read from its children, as fx would trace them (a trace costs milliseconds,
+    which fit and FusedTrainStep pay at every construction); None for anything else, which the
+    trace then describes or refuses."""
+    if type(module) is not nn.Sequential:
+        return None
+    steps = []
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            inner = _sequential_steps(child, f"{path}.")
+            if inner is None:
+                return None
+            steps += inner
+        elif type(child) is nn.Linear:
+            steps.append(_Step(path, "torch.nn.Linear", linear=child))
+        elif type(child) is not nn.Identity:
+            activation = _module_activation(child)
+            if activation is None:
+                return None
+            steps.append(_Step(path, _class_name(type(child)), code=activation[0], param=activation[1]))
+    return steps
+
+
+# The chain traced for a model, per model: (its modules' identities and settings, the steps).
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _traced_steps(model: nn.Module) -> list[_Step]:
+    """_chain(model), traced again only when the model's class or modules changed."""
+    key = (type(model).forward, tuple((name, id(m), type(m), getattr(m, "negative_slope", None),
+                                       getattr(m, "approximate", None)) for name, m in model.named_modules()))
+    cached = _TRACED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    steps = _chain(model)
+    _TRACED[model] = (key, steps)
+    return steps
 
 
 def _chain(model: nn.Module) -> list[_Step]:

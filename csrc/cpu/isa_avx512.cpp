@@ -8,7 +8,9 @@
 #define FT_ISA_NAMESPACE avx512
 #include "element_loops.h"
 #include "linear_mse_loops.h"
+#define FT_VECTOR_BYTES 64  // the registers the stack loops tile with
 #include "stack_loops.h"
+#undef FT_VECTOR_BYTES
 #pragma GCC pop_options
 
 namespace fusedtrain {

@@ -4,7 +4,9 @@
 #define FT_ISA_NAMESPACE baseline
 #include "element_loops.h"
 #include "linear_mse_loops.h"
+#define FT_VECTOR_BYTES 16  // the registers the stack loops tile with
 #include "stack_loops.h"
+#undef FT_VECTOR_BYTES
 
 namespace fusedtrain {
 namespace cpu {

@@ -7,6 +7,8 @@
 // order, so the result does not depend on how many threads ran the blocks; the number of blocks
 // depends on the batch size alone. Small layers (the tutorials' widths) run the per-instruction-
 // set loops of stack_loops.h; a large layer makes the batch one block and goes through ATen's GEMM.
+// One nn.Linear under MSE (depth 1) runs the linear + MSE kernels instead: one pass over x for
+// narrow outputs (linear_mse_rows.h), GEMMs in row blocks for wide ones (linear_mse_cpu.cpp).
 // No autograd, no tensor per layer: the gradients live in buffers that the optimizer update reads
 // (param_update.h) and that fwd_bwd copies out.
 #include "stack_cpu.h"
@@ -17,6 +19,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "linear_mse_cpu.h"
+#include "linear_mse_rows.h"
 
 namespace fusedtrain {
 namespace cpu {
@@ -69,6 +74,8 @@ class StackStep {
       weight_index_.push_back(p);
       width = layer.out;
     }
+    linear_mse_ = spec.layers() == 1 && spec.activations[0] == math::Activation::kIdentity &&
+                  spec.loss == math::Loss::kMse;
     for (const at::Tensor& param : params) grads_.emplace_back(param.numel(), T(0));
     for (std::vector<T>& g : grads_) grad_pointers_.push_back(g.data());
     weight_t_.resize(layers_.size());
@@ -81,6 +88,7 @@ class StackStep {
   // The loss of `rows` rows (reduced as the spec says); with want_grads, the gradient of every
   // param in grads().
   double run(const T* x, const void* target, int64_t rows, bool want_grads) {
+    if (linear_mse_) return run_linear_mse(x, static_cast<const T*>(target), rows, want_grads);
     for (size_t l = 0; l < layers_.size(); ++l) {  // W^T of each loop layer, for the forward
       StackLayer<T>& layer = layers_[l];
       if (is_gemm(layer)) continue;
@@ -144,6 +152,33 @@ class StackStep {
     std::vector<std::vector<T>> z, y;  // per layer, rows x out (y unused for the identity)
     std::vector<T> g, g_below;         // rows x widest layer
   };
+
+  // Depth 1 under MSE: the linear + MSE kernels, which write the gradients.
+  double run_linear_mse(const T* x, const T* target, int64_t rows, bool want_grads) {
+    const StackLayer<T>& layer = layers_.front();
+    const bool mean = spec_.reduction == at::Reduction::Mean;
+    const double count = mean ? static_cast<double>(rows * layer.out) : 1.0;
+    T* grad_weight = want_grads ? grads_[0].data() : nullptr;
+    T* grad_bias = want_grads && layer.bias != nullptr ? grads_[1].data() : nullptr;
+    if (layer.out <= kMaxFusedOut) {
+      const double loss_sum = fused_linear_mse_rows<T>(x, layer.weight, layer.bias, target, rows, layer.in,
+                                                       layer.out, static_cast<T>(2.0 / count), grad_weight,
+                                                       grad_bias, nullptr, linear_workspace_);
+      return loss_sum / count;
+    }
+    const auto as_tensor = [](const T* data, at::IntArrayRef sizes) { return view(const_cast<T*>(data), sizes); };
+    auto [loss, gw, gb, gx] = linear_mse_fwd_bwd_cpu(
+        as_tensor(x, {rows, layer.in}), as_tensor(layer.weight, {layer.out, layer.in}),
+        layer.bias != nullptr ? std::optional<at::Tensor>(as_tensor(layer.bias, {layer.out})) : std::nullopt,
+        as_tensor(target, {rows, layer.out}), spec_.reduction, false, want_grads);
+    if (want_grads) {
+      std::copy(gw.template data_ptr<T>(), gw.template data_ptr<T>() + gw.numel(), grad_weight);
+      if (grad_bias != nullptr) {
+        std::copy(gb.template data_ptr<T>(), gb.template data_ptr<T>() + gb.numel(), grad_bias);
+      }
+    }
+    return loss.template item<double>();
+  }
 
   bool is_gemm(const StackLayer<T>& layer) const { return gemm_ && layer.in * layer.out > kMaxLoopLayerElements; }
 
@@ -240,6 +275,8 @@ class StackStep {
   std::vector<StackLayer<T>> layers_;
   std::vector<size_t> weight_index_;  // layer -> index of its weight in params (layer_params)
   bool gemm_ = false;                 // some layer goes through the GEMM: one block per batch
+  bool linear_mse_ = false;           // depth 1 under MSE: run_linear_mse
+  std::vector<T> linear_workspace_;
   std::vector<std::vector<T>> weight_t_;
   std::vector<std::vector<T>> grads_;
   std::vector<void*> grad_pointers_;
@@ -297,7 +334,11 @@ std::tuple<at::Tensor, at::Tensor> fit(const char* op, const FitData& d, at::Ten
     StackStep<T> step(spec, params, d.x.size(1));
     at::Tensor train_losses = at::empty({d.epochs}, d.x.options());
     at::Tensor val_losses = at::empty({d.val_x.has_value() ? d.epochs : 0}, d.x.options());
-    at::Tensor batch_x, batch_target;  // gathered rows of a shuffled batch
+    // The gathered rows of a shuffled batch, reused from batch to batch.
+    const int64_t in = d.x.size(1), target_width = classes ? 1 : d.target.size(1);
+    std::vector<T> batch_x(static_cast<size_t>(batch * in));
+    std::vector<T> batch_values(classes ? 0 : static_cast<size_t>(batch * target_width));
+    std::vector<int64_t> batch_classes(classes ? static_cast<size_t>(batch) : 0);
     const at::Tensor orders = d.orders.has_value() ? d.orders->contiguous() : at::Tensor();
     for (int64_t epoch = 0; epoch < d.epochs; ++epoch) {
       const at::Tensor order = orders.defined() ? orders[epoch]
@@ -316,11 +357,19 @@ std::tuple<at::Tensor, at::Tensor> fit(const char* op, const FitData& d, at::Ten
           ts = classes ? static_cast<const void*>(d.target.data_ptr<int64_t>() + first)
                        : static_cast<const void*>(d.target.data_ptr<T>() + first * d.target.size(1));
         } else {
-          const at::Tensor index = order.narrow(0, first, rows);
-          batch_x = at::index_select(d.x, 0, index);
-          batch_target = at::index_select(d.target, 0, index);
-          xs = batch_x.data_ptr<T>();
-          ts = batch_target.data_ptr();
+          const int64_t* index = order.data_ptr<int64_t>() + first;
+          for (int64_t r = 0; r < rows; ++r) {
+            TORCH_CHECK_INDEX(index[r] >= 0 && index[r] < n, op, ": orders holds row ", index[r], ", outside [0, ", n, ")");
+            std::copy_n(d.x.data_ptr<T>() + index[r] * in, in, batch_x.data() + r * in);
+            if (classes) {
+              batch_classes[r] = d.target.data_ptr<int64_t>()[index[r]];
+            } else {
+              std::copy_n(d.target.data_ptr<T>() + index[r] * target_width, target_width,
+                          batch_values.data() + r * target_width);
+            }
+          }
+          xs = batch_x.data();
+          ts = classes ? static_cast<const void*>(batch_classes.data()) : static_cast<const void*>(batch_values.data());
         }
         loss_total += step.run(xs, ts, rows, true);
         updater.step(step.grad_pointers());

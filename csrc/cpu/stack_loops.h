@@ -48,36 +48,122 @@ void stack_scale_by_derivative(const StackLayer<T>& l, const T* z, const T* y, i
   });
 }
 
-// z = a W^T + b row by row (wt = W^T, in x out): z starts at b and adds a_k * row k of W^T for
-// k = 0, 1, ...; then y = act(z) (y == z for the identity).
+// C(m, n) = init(m, n) + sum over p = 0, 1, ..., P-1 of A(m, p) B(p, n), each element summed in
+// that order (so every instruction set rounds alike), where init is a bias row, C's own value
+// (accumulate) or 0. B's n dimension is contiguous; A and C are addressed by strides. Tiles of
+// kTileRows x kTileCols outputs stay in registers while p runs, so the short rows of small layers
+// cost no load and store of C per p: the loop over a tile's columns has a constant length, which
+// the compiler turns into whole vectors.
 template <typename T>
-void stack_forward(const StackLayer<T>& l, const T* a, int64_t rows, T* z, T* y) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* __restrict__ zr = z + r * l.out;
-    const T* __restrict__ ar = a + r * l.in;
-    for (int64_t j = 0; j < l.out; ++j) zr[j] = l.bias != nullptr ? l.bias[j] : T(0);
-    for (int64_t k = 0; k < l.in; ++k) {
-      const T ak = ar[k];
-      const T* __restrict__ wk = l.weight_t + k * l.out;
-      for (int64_t j = 0; j < l.out; ++j) zr[j] += ak * wk[j];
+struct SmallGemm {
+  int64_t rows, cols, depth;        // M, N, P
+  const T* a; int64_t a_row, a_depth;  // A(m, p) = a[m * a_row + p * a_depth]
+  const T* b; int64_t b_depth;         // B(p, n) = b[p * b_depth + n]
+  T* c; int64_t c_row, c_col;          // C(m, n) = c[m * c_row + n * c_col]
+  const T* init_row;                   // init(m, n) = init_row[n], if not null
+  bool accumulate;                     // else init(m, n) = C(m, n) if accumulate, else 0
+};
+
+constexpr int64_t kTileRows = 4;
+
+// A register of the instruction set (FT_VECTOR_BYTES, set by each isa_*.cpp) as a GCC vector of
+// T: its arithmetic is elementwise, rounding as the scalar code does.
+template <typename T>
+struct Register;
+template <>
+struct Register<float> { typedef float type __attribute__((vector_size(FT_VECTOR_BYTES))); };
+template <>
+struct Register<double> { typedef double type __attribute__((vector_size(FT_VECTOR_BYTES))); };
+// A tile is kTileRows rows of two registers.
+template <typename T>
+constexpr int64_t kTileCols = 2 * FT_VECTOR_BYTES / sizeof(T);
+
+template <typename T>
+T gemm_init(const SmallGemm<T>& g, int64_t m, int64_t n) {
+  return g.init_row != nullptr ? g.init_row[n] : g.accumulate ? g.c[m * g.c_row + n * g.c_col] : T(0);
+}
+
+// The tile of kRows rows from m0 and kTileCols columns from n0 of C.
+template <typename T, int64_t kRows>
+void small_gemm_tile(const SmallGemm<T>& g, int64_t m0, int64_t n0) {
+  using V = typename Register<T>::type;
+  constexpr int64_t kLanes = FT_VECTOR_BYTES / sizeof(T);
+  V lo[kRows], hi[kRows];
+  const T* a_rows[kRows];
+  for (int64_t i = 0; i < kRows; ++i) {
+    a_rows[i] = g.a + (m0 + i) * g.a_row;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      lo[i][j] = gemm_init(g, m0 + i, n0 + j);
+      hi[i][j] = gemm_init(g, m0 + i, n0 + kLanes + j);
     }
   }
+  const T* b = g.b + n0;
+  for (int64_t p = 0; p < g.depth; ++p, b += g.b_depth) {
+    V b_lo, b_hi;
+    std::memcpy(&b_lo, b, sizeof(V));
+    std::memcpy(&b_hi, b + kLanes, sizeof(V));
+    const int64_t ap = p * g.a_depth;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const T am = a_rows[i][ap];
+      lo[i] += am * b_lo;
+      hi[i] += am * b_hi;
+    }
+  }
+  for (int64_t i = 0; i < kRows; ++i) {
+    T* c = g.c + (m0 + i) * g.c_row + n0 * g.c_col;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      c[j * g.c_col] = lo[i][j];
+      c[(kLanes + j) * g.c_col] = hi[i][j];
+    }
+  }
+}
+
+template <typename T>
+void small_gemm(const SmallGemm<T>& g) {
+  constexpr int64_t kCols = kTileCols<T>;
+  for (int64_t m0 = 0; m0 < g.rows; m0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, g.rows - m0);
+    int64_t n0 = 0;
+    for (; n0 + kCols <= g.cols; n0 += kCols) {
+      switch (rows) {
+        case 4: small_gemm_tile<T, 4>(g, m0, n0); break;
+        case 3: small_gemm_tile<T, 3>(g, m0, n0); break;
+        case 2: small_gemm_tile<T, 2>(g, m0, n0); break;
+        default: small_gemm_tile<T, 1>(g, m0, n0); break;
+      }
+    }
+    // The last columns, fewer than a tile: the same sums, one output at a time.
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t n = n0; n < g.cols; ++n) {
+        T sum = gemm_init(g, m0 + i, n);
+        for (int64_t p = 0; p < g.depth; ++p) sum += g.a[(m0 + i) * g.a_row + p * g.a_depth] * g.b[p * g.b_depth + n];
+        g.c[(m0 + i) * g.c_row + n * g.c_col] = sum;
+      }
+    }
+  }
+}
+
+// z = a W^T + b (wt = W^T, in x out): z starts at b and adds a_k W^T_k for k = 0, 1, ...;
+// then y = act(z) (y == z for the identity).
+template <typename T>
+void stack_forward(const StackLayer<T>& l, const T* a, int64_t rows, T* z, T* y) {
+  small_gemm(SmallGemm<T>{rows, l.out, l.in, a, l.in, 1, l.weight_t, l.out, z, l.out, 1, l.bias, false});
   stack_activate(l, z, rows * l.out, y);
 }
 
-// grad_weight += g^T a and grad_bias += column sums of g, row by row (g: rows x out, a: rows x in).
+// grad_weight += g^T a, summed over the rows in order, and grad_bias += the column sums of g (g:
+// rows x out, a: rows x in). The tiles run along in, or along out when in is the narrower.
 template <typename T>
 void stack_weight_grad(const StackLayer<T>& l, const T* g, const T* a, int64_t rows,
                        T* grad_weight, T* grad_bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict__ ar = a + r * l.in;
-    const T* gr = g + r * l.out;
-    for (int64_t j = 0; j < l.out; ++j) {
-      const T gj = gr[j];
-      T* __restrict__ dw = grad_weight + j * l.in;
-      for (int64_t k = 0; k < l.in; ++k) dw[k] += gj * ar[k];
-    }
-    if (grad_bias != nullptr) {
+  if (l.in >= kTileCols<T> || l.in >= l.out) {
+    small_gemm(SmallGemm<T>{l.out, l.in, rows, g, 1, l.out, a, l.in, grad_weight, l.in, 1, nullptr, true});
+  } else {
+    small_gemm(SmallGemm<T>{l.in, l.out, rows, a, 1, l.in, g, l.out, grad_weight, 1, l.in, nullptr, true});
+  }
+  if (grad_bias != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict__ gr = g + r * l.out;
       for (int64_t j = 0; j < l.out; ++j) grad_bias[j] += gr[j];
     }
   }
@@ -88,16 +174,7 @@ void stack_weight_grad(const StackLayer<T>& l, const T* g, const T* a, int64_t r
 template <typename T>
 void stack_input_grad(const StackLayer<T>& l, const T* g, int64_t rows, const StackLayer<T>& below,
                       const T* z_below, const T* y_below, T* g_below) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* __restrict__ gb = g_below + r * l.in;
-    const T* gr = g + r * l.out;
-    for (int64_t k = 0; k < l.in; ++k) gb[k] = T(0);
-    for (int64_t j = 0; j < l.out; ++j) {
-      const T gj = gr[j];
-      const T* __restrict__ wj = l.weight + j * l.in;
-      for (int64_t k = 0; k < l.in; ++k) gb[k] += gj * wj[k];
-    }
-  }
+  small_gemm(SmallGemm<T>{rows, l.in, l.out, g, l.out, 1, l.weight, l.in, g_below, l.in, 1, nullptr, false});
   stack_scale_by_derivative(below, z_below, y_below, rows * l.in, g_below);
 }
 
