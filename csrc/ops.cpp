@@ -37,6 +37,22 @@ TORCH_LIBRARY(fusedtrain, m) {
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? lr_tensor=None) -> ()");
+  // adam_step_ and sgd_step_ for torch.compile (csrc/optim_traced.cpp): the float
+  // hyperparameters come in one float64 CPU tensor, `hyper`, read on the host (adam: lr, beta1,
+  // beta2, eps, weight_decay; sgd: lr, momentum, dampening, weight_decay), everything else as
+  // there. Dynamo specializes a float argument of an op, compiling the step again for every value
+  // a scheduler sets (OneCycleLR changes lr and beta1 or momentum at every step); a tensor
+  // computed from the floats is an input of one graph instead.
+  m.def(
+      "adam_step_hyper_tensor_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, Tensor hyper, "
+      "bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+  m.def(
+      "sgd_step_hyper_tensor_(Tensor(a!)[] params, Tensor(b!)[] grads, "
+      "Tensor(c!)[] momentum_buffers, Tensor hyper, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None) -> ()");
   // Linear layer + MSE loss: the loss of x @ weight.T + bias against target (N, out; expanded
   // by the caller) under reduction 1 (mean) or 2 (sum), and in the same pass its gradients
   // with respect to weight and bias (need_grad_params) and x (need_grad_x); gradients not asked

@@ -89,9 +89,45 @@ def op(name: str, backend: str, device: torch.device) -> Callable[..., None]:
         import fusedtrain.triton  # imports triton itself: only when asked for
 
         return getattr(fusedtrain.triton, name)
-    if device.type == "cpu" and name in DIRECT_CPU_BINDINGS and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # torch.compile traces the op itself (through its fake kernel); the optimizer ops in the
+        # form that takes their float hyperparameters as a tensor.
+        return _TRACED_OPTIMIZER_OPS.get(name) or getattr(torch.ops.fusedtrain, name)
+    if device.type == "cpu" and name in DIRECT_CPU_BINDINGS:
         # The same CPU kernel that torch.ops.fusedtrain.<name> runs, bound without the
         # dispatcher, whose conversion of six Python lists of tensors costs as much as updating
-        # 1e5 elements. torch.compile traces the op itself.
+        # 1e5 elements.
         return getattr(_extension._C, name.rstrip("_") + "_cpu")
     return getattr(torch.ops.fusedtrain, name)
+
+
+def _hyper_tensor(*values: float | torch.Tensor) -> torch.Tensor:
+    """The hyperparameters of a traced optimizer op in one float64 CPU tensor. Each is added to a
+    zero tensor: dynamo then makes a float that changed between calls an input of the graph,
+    where an op's float argument, or torch.tensor(values), would be specialized on its value and
+    the step compiled again for each one."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([zero + (v.reshape(()).cpu() if isinstance(v, torch.Tensor) else v)
+                        for v in values])
+
+
+def _traced_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                      beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None,
+                      found_inf=None, lr_tensor=None):
+    """adam_step_ under torch.compile: adam_step_hyper_tensor_, its floats in one tensor."""
+    torch.ops.fusedtrain.adam_step_hyper_tensor_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+        _hyper_tensor(lr, beta1, beta2, eps, weight_decay), decoupled, amsgrad, maximize,
+        grad_scale, found_inf, lr_tensor)
+
+
+def _traced_sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                     nesterov, maximize, first_step, grad_scale=None, found_inf=None,
+                     lr_tensor=None):
+    """sgd_step_ under torch.compile: sgd_step_hyper_tensor_, its floats in one tensor."""
+    torch.ops.fusedtrain.sgd_step_hyper_tensor_(
+        params, grads, momentum_buffers, _hyper_tensor(lr, momentum, dampening, weight_decay),
+        nesterov, maximize, first_step, grad_scale, found_inf, lr_tensor)
+
+
+_TRACED_OPTIMIZER_OPS = {"adam_step_": _traced_adam_step, "sgd_step_": _traced_sgd_step}

@@ -19,6 +19,19 @@ def _sgd_step_fake(params, grads, momentum_buffers, lr, momentum, dampening, wei
     return None
 
 
+@torch.library.register_fake("fusedtrain::adam_step_hyper_tensor_")
+def _adam_step_hyper_tensor_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                                 hyper, decoupled, amsgrad, maximize, grad_scale=None,
+                                 found_inf=None, lr_tensor=None):
+    return None
+
+
+@torch.library.register_fake("fusedtrain::sgd_step_hyper_tensor_")
+def _sgd_step_hyper_tensor_fake(params, grads, momentum_buffers, hyper, nesterov, maximize,
+                                first_step, grad_scale=None, found_inf=None, lr_tensor=None):
+    return None
+
+
 @torch.library.register_fake("fusedtrain::linear_mse_fwd_bwd")
 def _linear_mse_fwd_bwd_fake(x, weight, bias, target, reduction, need_grad_x, need_grad_params=True):
     return (

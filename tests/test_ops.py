@@ -87,6 +87,37 @@ def test_opcheck_with_lr_tensor():
                           {"lr_tensor": torch.tensor(0.02)})
 
 
+def hyper_tensor_call(op):
+    """(op, args) of the torch.compile form of `op` (adam or sgd): the float hyperparameters in
+    one float64 tensor, in the schema's order; and the same call through the op itself."""
+    if op == "adam":
+        floats, flags = ("lr", "beta1", "beta2", "eps", "weight_decay"), ("decoupled", "amsgrad", "maximize")
+        make_args, hyper = adam_args, ADAM_HYPER
+    else:
+        floats, flags = ("lr", "momentum", "dampening", "weight_decay"), ("nesterov", "maximize", "first_step")
+        make_args, hyper = sgd_args, SGD_HYPER
+    args = make_args(torch.float32, [(3, 5), (7,)])
+    values = torch.tensor([hyper[k] for k in floats], dtype=torch.float64)
+    return (getattr(torch.ops.fusedtrain, f"{op}_step_hyper_tensor_").default,
+            (*args, values, *(hyper[k] for k in flags)), (*clone_args(args), *hyper.values()))
+
+
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_hyper_tensor_form_equals_the_op(op):
+    traced_op, args, plain_args = hyper_tensor_call(op)
+    traced_op(*args)
+    getattr(torch.ops.fusedtrain, f"{op}_step_")(*plain_args)
+    tensor_lists = lambda call_args: [a for a in call_args if isinstance(a, list)]  # noqa: E731
+    torch.testing.assert_close(tensor_lists(args), tensor_lists(plain_args), rtol=0, atol=0)
+    torch.library.opcheck(traced_op, hyper_tensor_call(op)[1])
+
+
+def test_hyper_tensor_of_the_wrong_kind_is_refused():
+    traced_op, args, _ = hyper_tensor_call("adam")
+    with pytest.raises(ValueError, match="hyper must be a float64 CPU tensor of 5 elements"):
+        traced_op(*args[:6], args[6].float(), *args[7:])
+
+
 @pytest.mark.parametrize("lr_tensor,message", [
     (torch.tensor([0.1, 0.2]), "lr_tensor must have one element"),
     (torch.tensor(1, dtype=torch.int64), "lr_tensor must be float32 or float64"),

@@ -111,6 +111,9 @@ class MultiTensorOptimizer(Optimizer):
         # Under torch.compile nothing is cached: dynamo guards on what the traced step reads
         # (params, gradients, state, hyperparameters), which takes the cache's place.
         compiling = torch.compiler.is_compiling()
+        if compiling:
+            for group in self.param_groups:
+                self._init_group(group)
         plans = self._plans if not compiling and self._state_unchanged() else {}
         steps = []  # per group: the cached plan and the gradients to step it with, or None
         for group in self.param_groups:
@@ -191,6 +194,14 @@ class MultiTensorOptimizer(Optimizer):
 
     def _flags(self, group: dict) -> tuple:
         return (group["differentiable"], *self._plan_flags(group))
+
+    def _init_group(self, group: dict) -> None:
+        """Under torch.compile, before the step is traced: creates the state that the group's
+        params with a gradient lack. Dynamo runs the method of this name eagerly, outside the
+        graph (as for torch.optim's optimizers, see torch/_dynamo/variables/optimizer.py), so
+        the first graph reads state that exists, rather than creating it and being compiled
+        again for the next step, which finds it. (SGD has none to create: its momentum buffers
+        start in the first step.)"""
 
     def _kernel(self, name: str, device: torch.device, params: list[Tensor]) -> Callable[..., None]:
         """The op `name` of this optimizer's backend on `device` for a call over `params`, taking

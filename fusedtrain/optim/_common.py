@@ -13,8 +13,10 @@ from fusedtrain.optim import _dtensor
 
 
 def as_float(value: float | Tensor) -> float:
-    """A hyperparameter that torch allows as a one-element tensor, as a Python float."""
-    return value.item() if isinstance(value, Tensor) else value
+    """A hyperparameter that torch allows as a one-element tensor, as a Python float. Under
+    torch.compile a tensor stays a tensor: .item() would break the graph, and the traced
+    optimizer ops take their hyperparameters as a tensor anyway (see _dispatch)."""
+    return value.item() if isinstance(value, Tensor) and not torch.compiler.is_compiling() else value
 
 
 def as_scalar(value: float | Tensor) -> float | Tensor:
@@ -34,17 +36,7 @@ def lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[float, Tenso
     """The (lr, lr_tensor) pair of an optimizer op. A tensor lr on an accelerator stays a tensor,
     read by the kernel, so a step recorded by CUDA graph capture follows later changes to it (and
     reading it on the host would wait for the device); the float is then ignored. A CPU one is
-    read here, for free.
-
-    Under torch.compile the lr is always a tensor (float64, on the params' device): dynamo would
-    specialize the traced step on a float argument of an op and compile it again for every value
-    an LR scheduler sets, where a tensor made from the lr is an input of one graph (after the
-    first change, dynamo traces the float symbolically, as it does for torch.optim's own
-    arithmetic on it); and a tensor lr is not read with .item(), which would break the graph."""
-    if torch.compiler.is_compiling():
-        if isinstance(lr, Tensor):
-            return 0.0, lr.to(device=device, dtype=torch.float64)
-        return 0.0, torch.tensor(lr, dtype=torch.float64, device=device)
+    read here, for free (under torch.compile by the traced op, see as_float)."""
     if isinstance(lr, Tensor) and lr.device.type != "cpu":
         return 0.0, lr.to(device)
     return as_float(lr), None

@@ -3,7 +3,6 @@ groups, state (keys, dtypes) and state_dict, whose step() is one fused kernel ca
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -26,11 +25,6 @@ class AdamBucket(NamedTuple):
     max_exp_avg_sqs: list[Tensor]
     steps: list[Tensor]
     has_complex: bool  # then the kernel takes real views (see _common.real_views)
-
-
-# A group's hyperparameters in adam_step_'s order, read in one call per step.
-_HYPERPARAMETERS = operator.itemgetter("lr", "betas", "eps", "weight_decay",
-                                       "decoupled_weight_decay", "amsgrad", "maximize")
 
 
 class Adam(MultiTensorOptimizer):
@@ -154,6 +148,11 @@ class Adam(MultiTensorOptimizer):
             ))
         return buckets, PlannedState(states, keys, [s[key] for s in states for key in keys])
 
+    def _init_group(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.grad is not None:
+                self._init_state(p, group["amsgrad"])
+
     def _init_state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if not state:
@@ -168,8 +167,9 @@ class Adam(MultiTensorOptimizer):
         return state
 
     def _run_plan(self, group: dict, calls: list[AdamBucket], grads: list[Tensor]) -> None:
-        lr, (beta1, beta2), eps, weight_decay, decoupled, amsgrad, maximize = _HYPERPARAMETERS(group)
-        beta1, beta2 = _common.as_float(beta1), _common.as_float(beta2)
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        decoupled, amsgrad, maximize = group["decoupled_weight_decay"], group["amsgrad"], group["maximize"]
+        beta1, beta2 = (_common.as_float(beta) for beta in group["betas"])
         for bucket in calls:
             grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
             lr_value, lr_tensor = _common.lr_arguments(lr, bucket.device)

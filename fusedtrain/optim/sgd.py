@@ -3,7 +3,6 @@ state_dict, whose step() is one fused kernel call per device."""
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -28,11 +27,6 @@ class SgdBucket(NamedTuple):
 class SgdPlan(NamedTuple):
     continuing: list[SgdBucket]  # params with a momentum buffer, or without momentum
     starting: list[SgdBucket]  # params whose momentum buffer starts this step
-
-
-# A group's hyperparameters in sgd_step_'s order, read in one call per step.
-_HYPERPARAMETERS = operator.itemgetter("lr", "momentum", "dampening", "weight_decay", "nesterov",
-                                       "maximize")
 
 
 class SGD(MultiTensorOptimizer):
@@ -136,28 +130,26 @@ class SGD(MultiTensorOptimizer):
         return buckets
 
     def _run_plan(self, group: dict, calls: SgdPlan, grads: list[Tensor]) -> None:
-        hyperparameters = _HYPERPARAMETERS(group)
         for bucket in calls.continuing:
-            self._call(bucket, grads, hyperparameters, first_step=False)
+            self._call(bucket, group, grads, first_step=False)
         for bucket in calls.starting:
             new_buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in bucket.params]
-            if self._call(bucket._replace(buffers=new_buffers), grads, hyperparameters, first_step=True):
+            if self._call(bucket._replace(buffers=new_buffers), group, grads, first_step=True):
                 for p, b in zip(bucket.params, new_buffers):
                     self.state[p]["momentum_buffer"] = b
         if calls.starting:
             self._forget_plan(group)
 
-    def _call(self, bucket: SgdBucket, grads: list[Tensor], hyperparameters: tuple,
-              first_step: bool) -> bool:
+    def _call(self, bucket: SgdBucket, group: dict, grads: list[Tensor], first_step: bool) -> bool:
         """Runs sgd_step_ on a bucket; False if GradScaler's found_inf skipped a first step. Only
         a first step reads found_inf on the host (whether its new buffers are kept), so a step of
         existing buffers never waits for the device."""
-        lr, momentum, dampening, weight_decay, nesterov, maximize = hyperparameters
         grad_scale, found_inf = _common.amp_tensors(self, bucket.device)
-        lr, lr_tensor = _common.lr_arguments(lr, bucket.device)
+        lr, lr_tensor = _common.lr_arguments(group["lr"], bucket.device)
         updated = (bucket.params, _common.take(grads, bucket.positions), bucket.buffers)
         if bucket.has_complex:
             updated = map(_common.real_views, updated)
-        bucket.kernel(*updated, lr, momentum, dampening, _common.as_float(weight_decay), nesterov,
-                      maximize, first_step, grad_scale, found_inf, lr_tensor)
+        bucket.kernel(*updated, lr, group["momentum"], group["dampening"],
+                      _common.as_float(group["weight_decay"]), group["nesterov"], group["maximize"],
+                      first_step, grad_scale, found_inf, lr_tensor)
         return not first_step or found_inf is None or not bool(found_inf.item() != 0)
