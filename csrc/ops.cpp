@@ -7,7 +7,6 @@
 
 #include "cpu/cpu_isa.h"
 #include "cpu/linear_mse_cpu.h"
-#include "cpu/linear_mse_fit.h"
 #include "cpu/optim_cpu.h"
 #include "cpu/stack_cpu.h"
 #include "optim_python.h"
@@ -140,34 +139,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fusedtrain::bind_step_plan_checks(m);
   m.def("linear_mse_fwd_bwd_cpu", &fusedtrain::cpu::linear_mse_fwd_bwd_cpu,
         py::call_guard<py::gil_scoped_release>());
-  py::class_<fusedtrain::cpu::FitOptimizer>(m, "FitOptimizer",
-                                            "Hyperparameters of linear_mse_fit's optimizer.")
-      .def(py::init<>())
-      .def_readwrite("adam", &fusedtrain::cpu::FitOptimizer::adam)
-      .def_readwrite("lr", &fusedtrain::cpu::FitOptimizer::lr)
-      .def_readwrite("weight_decay", &fusedtrain::cpu::FitOptimizer::weight_decay)
-      .def_readwrite("maximize", &fusedtrain::cpu::FitOptimizer::maximize)
-      .def_readwrite("beta1", &fusedtrain::cpu::FitOptimizer::beta1)
-      .def_readwrite("beta2", &fusedtrain::cpu::FitOptimizer::beta2)
-      .def_readwrite("eps", &fusedtrain::cpu::FitOptimizer::eps)
-      .def_readwrite("decoupled", &fusedtrain::cpu::FitOptimizer::decoupled)
-      .def_readwrite("amsgrad", &fusedtrain::cpu::FitOptimizer::amsgrad)
-      .def_readwrite("momentum", &fusedtrain::cpu::FitOptimizer::momentum)
-      .def_readwrite("dampening", &fusedtrain::cpu::FitOptimizer::dampening)
-      .def_readwrite("nesterov", &fusedtrain::cpu::FitOptimizer::nesterov)
-      .def_readwrite("first_step", &fusedtrain::cpu::FitOptimizer::first_step);
-  m.def(
-      "linear_mse_fit_cpu",
-      [](const at::Tensor& x, const at::Tensor& target, const at::Tensor& weight,
-         const OptionalTensor& bias, int64_t reduction, int64_t epochs, int64_t batch_size,
-         std::optional<at::Generator> generator, const OptionalTensor& val_x,
-         const OptionalTensor& val_target, const Tensors& state,
-         const fusedtrain::cpu::FitOptimizer& optimizer) {
-        return fusedtrain::cpu::linear_mse_fit_cpu(x, target, weight, bias, reduction, epochs,
-                                                   batch_size, generator, val_x, val_target,
-                                                   state, optimizer);
-      },
-      py::call_guard<py::gil_scoped_release>());
   // The native training loop over a stack (fusedtrain.fit): the description and the optimizer's
   // hyperparameters as objects built once, with fields named as the ops' arguments.
   namespace cpu = fusedtrain::cpu;
