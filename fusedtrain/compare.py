@@ -152,6 +152,64 @@ def _mlp(epochs: int, repeats: int, n: int = 1000) -> Workload:
                     prepare, repeats, whole_training=True)
 
 
+def _mlp_fit_loader(epochs: int, repeats: int, n: int = 1000) -> Workload:
+    """The tutorial's mini-batch loop against fusedtrain.fit on the same DataLoader."""
+    def prepare():
+        x, y = workloads.nonlinear_data(n)
+        initial = workloads.regression_mlp()
+
+        def start(variant):
+            model = copy.deepcopy(initial)
+            loader = workloads.shuffled_loader(x, y, batch_size=32)  # the same batches for both variants
+            if variant == STOCK:
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                return Trial(functools.partial(workloads.stock_loader_fit, model, opt, loader, epochs), _params(model))
+            opt = fusedtrain.optim.Adam(model.parameters(), lr=1e-3)
+            return Trial(functools.partial(fusedtrain.fit, model, opt, loader, epochs=epochs), _params(model))
+        return start
+    return Workload(f"mlp-fit-loader-{epochs}",
+                    f"MLP 10-64-32-1 (ReLU), DataLoader(batch_size=32, shuffle=True) over {n} rows, MSELoss, "
+                    f"Adam lr 1e-3, {epochs} epochs: the tutorial loop against fusedtrain.fit(model, opt, loader)",
+                    prepare, repeats, whole_training=True)
+
+
+def _stack_step(name: str, description: str, make_model, x: Tensor, y: Tensor, repeats: int) -> Workload:
+    """One Adam step of a stack under MSE: the stock step with Adam(fused=True) against FusedTrainStep."""
+    def prepare():
+        initial = make_model()
+
+        def start(variant):
+            model = copy.deepcopy(initial)
+            if variant == STOCK:
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+                return Trial(functools.partial(workloads.stock_step, model, opt, x, y), _params(model))
+            step = fusedtrain.FusedTrainStep(model, fusedtrain.optim.Adam(model.parameters(), lr=1e-3))
+            return Trial(functools.partial(step, x, y), _params(model))
+        return start
+    return Workload(name, description, prepare, repeats, whole_training=False)
+
+
+def _l1_two_layers(epochs: int, repeats: int) -> Workload:
+    """The tutorial's Linear(1, 2) -> Linear(2, 1) under L1Loss with SGD, full batch."""
+    def prepare():
+        x, y = workloads.noisy_line()
+        initial = workloads.two_layer_line()
+
+        def start(variant):
+            model = copy.deepcopy(initial)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            if variant == STOCK:
+                return Trial(functools.partial(workloads.stock_fit, model, opt, x, y, epochs, torch.nn.L1Loss()),
+                             _params(model))
+            return Trial(functools.partial(fusedtrain.fit, model, opt, x, y, epochs=epochs, criterion=torch.nn.L1Loss()),
+                         _params(model))
+        return start
+    return Workload(f"line-l1-sgd-2-layers-{epochs}",
+                    f"y = 2x + 1 + noise on 100 points, Linear(1, 2) -> Linear(2, 1), L1Loss, SGD lr 0.01, {epochs} "
+                    "full-batch epochs: stock loop against fusedtrain.fit",
+                    prepare, repeats, whole_training=True)
+
+
 def all_workloads(size: str) -> list[Workload]:
     """The workloads of a run: "quick", "full", or "smoke" (toy sizes, one repeat)."""
     if size not in SIZES:
@@ -179,6 +237,15 @@ def all_workloads(size: str) -> list[Workload]:
         *(_optimizer_step(optimizer, shape, repeats)
           for shape, repeats in optimizer_shapes.items() for optimizer in OPTIMIZER_ARGS),
         _mlp(epochs=pick(1, 5, 20), repeats=pick(1, 3, 7)),
+        _mlp_fit_loader(epochs=pick(1, 5, 20), repeats=pick(1, 3, 7)),
+        _stack_step("mlp-step-10-64-32-1", "one Adam step of the MLP 10-64-32-1 (ReLU) + MSE on a batch of 32: "
+                    "zero_grad, forward, loss, backward, Adam(fused=True).step() against FusedTrainStep",
+                    workloads.regression_mlp, *workloads.nonlinear_data(32), repeats=pick(1, 51, 101)),
+        _l1_two_layers(epochs=pick(10, 1000, 1000), repeats=pick(1, 5, 11)),
+        _stack_step(f"wide-mlp-1024-4096-4096-1024-{pick(8, 256, 256)}",
+                    f"one Adam step of the MLP 1024-4096-4096-1024 (ReLU) + MSE on a batch of {pick(8, 256, 256)}: "
+                    "stock step with Adam(fused=True) against FusedTrainStep",
+                    workloads.wide_mlp, *workloads.regression(pick(8, 256, 256), 1024, 1024), repeats=pick(1, 3, 7)),
     ]
 
 

@@ -42,20 +42,22 @@ def regression(n: int, inp: int, out: int, seed: int = 0) -> tuple[Tensor, Tenso
     return x, x @ w.T + 0.1 * torch.randn(n, out, generator=g)
 
 
-def stock_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-    """The loop every tutorial teaches, one step."""
+def stock_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               criterion: nn.Module | None = None) -> Tensor:
+    """The loop every tutorial teaches, one step (criterion None: MSE)."""
     optimizer.zero_grad()
-    loss = nn.functional.mse_loss(model(x), y)
+    loss = (criterion or nn.functional.mse_loss)(model(x), y)
     loss.backward()
     optimizer.step()
     return loss
 
 
-def stock_fit(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int) -> Tensor:
+def stock_fit(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
+              criterion: nn.Module | None = None) -> Tensor:
     """Full-batch stock training; returns the last loss."""
     loss = None
     for _ in range(epochs):
-        loss = stock_step(model, optimizer, x, y)
+        loss = stock_step(model, optimizer, x, y, criterion)
     return loss
 
 
@@ -71,6 +73,21 @@ def regression_mlp(seed: int = 0) -> nn.Sequential:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+def two_layer_line(seed: int = 0) -> nn.Sequential:
+    """A tutorial's Linear(1, 2) -> Linear(2, 1), default init from `seed`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 1))
+
+
+def wide_mlp(seed: int = 0) -> nn.Sequential:
+    """MLP 1024-4096-4096-1024 with ReLU, default init from `seed`: GEMM-bound."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                             nn.Linear(4096, 1024))
 
 
 def nonlinear_data(n: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:

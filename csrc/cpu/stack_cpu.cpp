@@ -33,6 +33,8 @@ constexpr int64_t kMaxLoopLayerElements = 1 << 14;
 // Blocks of at least kMinBlockRows rows, at most kMaxBlocks of them.
 constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlocks = 64;
+// Multiply-adds of a batch (forward and backward) below which its blocks run on one thread.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
 
 template <typename T>
 const StackKernels<T>& stack_kernels();
@@ -71,6 +73,7 @@ class StackStep {
                           width, w.size(0), spec.activations[l], static_cast<T>(spec.activation_params[l])};
       layers_.push_back(layer);
       gemm_ = gemm_ || layer.in * layer.out > kMaxLoopLayerElements;
+      macs_per_row_ += 3 * layer.in * layer.out;  // forward, weight gradient, input gradient
       weight_index_.push_back(p);
       width = layer.out;
     }
@@ -120,7 +123,10 @@ class StackStep {
       partials_.assign(want_grads ? blocks * width : 0, T(0));
       // One workspace per thread, made before the threads start (they only size their own).
       if (workspaces_.size() < static_cast<size_t>(at::get_num_threads())) workspaces_.resize(at::get_num_threads());
-      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      // Waking the thread pool costs more than a small batch's work: such blocks run one after
+      // another, into the same accumulators, so the result is the same either way.
+      const int64_t grain = rows * macs_per_row_ >= kMinParallelMacs ? 1 : blocks;
+      at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
         Workspace& ws = workspace(at::get_thread_num(), block_rows);
         for (int64_t b = first; b < last; ++b) {
           std::vector<void*> accumulators;
@@ -276,6 +282,7 @@ class StackStep {
   std::vector<size_t> weight_index_;  // layer -> index of its weight in params (layer_params)
   bool gemm_ = false;                 // some layer goes through the GEMM: one block per batch
   bool linear_mse_ = false;           // depth 1 under MSE: run_linear_mse
+  int64_t macs_per_row_ = 0;
   std::vector<T> linear_workspace_;
   std::vector<std::vector<T>> weight_t_;
   std::vector<std::vector<T>> grads_;
