@@ -135,3 +135,17 @@ def check_checkpoint(output):
     assert sorted(losses["first half"]) == [1, 2, 3] and sorted(losses["resumed"]) == [4, 5, 6]
     assert {**losses["first half"], **losses["resumed"]} == losses["uninterrupted"]
     assert "resumed params identical to the uninterrupted run's: True (largest difference 0.0)" in output
+
+
+@check("complete_loop.py")
+def check_complete_loop(output):
+    """The loop with each epoch's batches run by fusedtrain.fit picks the same best epoch as the
+    stock loop, with the same validation loss and params up to fp32 rounding over ~1000 Adam steps."""
+    stock = re.search(r"stock best: epoch (\d+), val loss ([\d.]+)", output)
+    fused = re.search(r"fused best: epoch (\d+), val loss ([\d.]+)", output)
+    assert stock and fused, output
+    assert stock.group(1) == fused.group(1)
+    assert abs(float(stock.group(2)) - float(fused.group(2))) <= 1e-4 * float(stock.group(2)) + 1e-6
+    difference = float(re.search(r"best models' params: ([\d.e+-]+)", output).group(1))
+    assert difference < 2e-3
+    assert output.count("stock epoch") == output.count("fused epoch") >= 10
