@@ -204,7 +204,7 @@ def _l1_two_layers(epochs: int, repeats: int) -> Workload:
             return Trial(functools.partial(fusedtrain.fit, model, opt, x, y, epochs=epochs, criterion=torch.nn.L1Loss()),
                          _params(model))
         return start
-    return Workload(f"line-l1-sgd-2-layers-{epochs}",
+    return Workload(f"two-layers-l1-{epochs}",
                     f"y = 2x + 1 + noise on 100 points, Linear(1, 2) -> Linear(2, 1), L1Loss, SGD lr 0.01, {epochs} "
                     "full-batch epochs: stock loop against fusedtrain.fit",
                     prepare, repeats, whole_training=True)
