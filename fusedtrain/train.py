@@ -17,6 +17,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, NamedTuple
 
@@ -74,8 +75,10 @@ class _SgdHyper(NamedTuple):
     first_step: bool
 
 
+@functools.lru_cache(maxsize=8)
 def _native(hyper: NamedTuple, cls):
-    """The same settings as the native loop's _C.AdamHyper / _C.SgdHyper."""
+    """The same settings as the native loop's _C.AdamHyper / _C.SgdHyper (the few a run of
+    steps uses are kept: the loop only reads them)."""
     config = cls()
     for name, value in zip(hyper._fields, hyper):
         setattr(config, name, value)
@@ -157,11 +160,11 @@ class _Training:
     def state(self, hyper) -> tuple[_AdamState | list[Tensor], list[Tensor]]:
         """The optimizer state the op updates, created as torch.optim would; and the momentum
         buffers that SGD starts in this call (to store in the optimizer's state afterwards)."""
-        state = self.optimizer.state
+        # One lookup per param: optimizer.state hashes a tensor in Python.
+        states = [self.optimizer.state[p] for p in self.params]
         if self.adam:
             on_cpu = self.device.type == "cpu"
-            for p in self.params:
-                s = state[p]
+            for p, s in zip(self.params, states):
                 if not s:
                     s["step"] = torch.tensor(0.0, dtype=_common.step_dtype())
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -172,13 +175,12 @@ class _Training:
                     # On a GPU the CUDA op reads the step count there, where fusedtrain.optim.Adam
                     # keeps it too (torch.optim.Adam keeps it on the CPU).
                     s["step"] = s["step"].to(self.device, torch.float32)
-            return _AdamState([state[p]["exp_avg"] for p in self.params],
-                              [state[p]["exp_avg_sq"] for p in self.params],
-                              [state[p]["max_exp_avg_sq"] for p in self.params] if hyper.amsgrad else [],
-                              [state[p]["step"] for p in self.params]), []
+            return _AdamState([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                              [s["max_exp_avg_sq"] for s in states] if hyper.amsgrad else [],
+                              [s["step"] for s in states]), []
         if hyper.momentum == 0:
             return [], []
-        buffers = [state[p].get("momentum_buffer") for p in self.params]
+        buffers = [s.get("momentum_buffer") for s in states]
         if any(b is None for b in buffers):  # torch starts every buffer as a copy of the first gradient
             buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
             return buffers, buffers
