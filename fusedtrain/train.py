@@ -160,6 +160,8 @@ class _Training:
     def state(self, hyper) -> tuple[_AdamState | list[Tensor], list[Tensor]]:
         """The optimizer state the op updates, created as torch.optim would; and the momentum
         buffers that SGD starts in this call (to store in the optimizer's state afterwards)."""
+        if not self.adam and hyper.momentum == 0:  # SGD without momentum keeps no state
+            return [], []
         # One lookup per param: optimizer.state hashes a tensor in Python.
         states = [self.optimizer.state[p] for p in self.params]
         if self.adam:
@@ -178,8 +180,6 @@ class _Training:
             return _AdamState([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                               [s["max_exp_avg_sq"] for s in states] if hyper.amsgrad else [],
                               [s["step"] for s in states]), []
-        if hyper.momentum == 0:
-            return [], []
         buffers = [s.get("momentum_buffer") for s in states]
         if any(b is None for b in buffers):  # torch starts every buffer as a copy of the first gradient
             buffers = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
