@@ -51,3 +51,19 @@ def run_triton_checks(script: str, *args: str, device: str = "cpu") -> None:
                             cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"checks {args} failed:\n{result.stdout}\n{result.stderr}"
+
+
+class SimpleModel(torch.nn.Module):
+    """The tutorials' MLP, written with attributes and a forward (fusedtrain traces it with fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(10, 64)
+        self.relu = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(64, 32)
+        self.fc3 = torch.nn.Linear(32, 1)
+
+    def forward(self, x):
+        x = self.relu(self.fc1(x))
+        x = self.relu(self.fc2(x))
+        return self.fc3(x)

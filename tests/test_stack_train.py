@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fusedtrain
 from fusedtrain import reference, stacks
+from helpers import SimpleModel
 
 pytestmark = pytest.mark.skipif(not fusedtrain._extension.native_available(), reason="native extension not built")
 
@@ -158,22 +159,6 @@ def test_ops_equal_the_reference_ops():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     for got, want in zip(native + [t for s in native_state for t in s], ref + [t for s in ref_state for t in s]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-
-
-class SimpleModel(nn.Module):
-    """The tutorial's model, written with attributes and a forward (fx-traced)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(10, 64)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(64, 32)
-        self.fc3 = nn.Linear(32, 1)
-
-    def forward(self, x):
-        x = self.relu(self.fc1(x))
-        x = self.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 def tutorial_data(n=1000, seed=0):

@@ -12,6 +12,7 @@ from torch import nn
 
 import fusedtrain.nn
 from fusedtrain import reference, stacks
+from helpers import SimpleModel
 from fusedtrain.stacks import Activation, Loss
 
 ACTIVATION_MODULES = {
@@ -25,22 +26,6 @@ ACTIVATION_MODULES = {
     Activation.SILU: lambda: nn.SiLU(),
 }
 ACTIVATION_PARAMS = {Activation.LEAKY_RELU: 0.07}
-
-
-class SimpleModel(nn.Module):
-    """The tutorials' MLP."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(10, 64)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(64, 32)
-        self.fc3 = nn.Linear(32, 1)
-
-    def forward(self, x):
-        x = self.relu(self.fc1(x))
-        x = self.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class FunctionalModel(SimpleModel):
