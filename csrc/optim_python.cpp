@@ -2,34 +2,51 @@
 // each answers in one C loop what Python would answer with an operation per tensor.
 #include "optim_python.h"
 
+#include <algorithm>
+
 namespace py = pybind11;
 
 namespace fusedtrain {
 namespace {
 
-py::object next_item(py::handle iterator) {
-  py::object item = py::reinterpret_steal<py::object>(PyIter_Next(iterator.ptr()));
-  if (!item && PyErr_Occurred()) throw py::error_already_set();
-  return item;
-}
-
-// Whether iterating `a` and `b` yields the same objects in the same order. By identity: Python's
-// == compares two tensors element by element (and finds two one-element tensors of equal value
-// the same tensor).
-bool same_objects(py::handle a, py::handle b) {
-  const py::iterator left = py::iter(a), right = py::iter(b);
-  for (;;) {
-    const py::object x = next_item(left), y = next_item(right);
-    if (!x || !y) return !x && !y;
-    if (!x.is(y)) return false;
-  }
-}
-
-// A sequence's items as an array, valid while the returned object lives.
+// A sequence's items as an array, valid while the returned object lives (a list or tuple itself,
+// anything else copied into a list).
 py::object fast_sequence(py::handle sequence, const char* name) {
   PyObject* items = PySequence_Fast(sequence.ptr(), name);
   if (!items) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(items);
+}
+
+// Whether sequences `a` and `b` hold the same objects in the same order. By identity: Python's ==
+// compares two tensors element by element (and finds two one-element tensors of equal value the
+// same tensor).
+bool same_objects(py::handle a, py::handle b) {
+  const py::object left = fast_sequence(a, "a must be a sequence");
+  const py::object right = fast_sequence(b, "b must be a sequence");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(left.ptr());
+  if (PySequence_Fast_GET_SIZE(right.ptr()) != n) return false;
+  PyObject** x = PySequence_Fast_ITEMS(left.ptr());
+  PyObject** y = PySequence_Fast_ITEMS(right.ptr());
+  return std::equal(x, x + n, y);
+}
+
+// Whether dict `d` holds keys[i]: values[i] for every i, in that order, and nothing else (by
+// identity, as same_objects).
+bool same_items(py::handle d, py::handle keys, py::handle values) {
+  if (!PyDict_Check(d.ptr())) return false;
+  const py::object k = fast_sequence(keys, "keys must be a sequence");
+  const py::object v = fast_sequence(values, "values must be a sequence");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(k.ptr());
+  if (PyDict_Size(d.ptr()) != n || PySequence_Fast_GET_SIZE(v.ptr()) != n) return false;
+  PyObject** key_items = PySequence_Fast_ITEMS(k.ptr());
+  PyObject** value_items = PySequence_Fast_ITEMS(v.ptr());
+  Py_ssize_t position = 0, i = 0;
+  PyObject *key, *value;  // borrowed
+  while (PyDict_Next(d.ptr(), &position, &key, &value)) {
+    if (key != key_items[i] || value != value_items[i]) return false;
+    ++i;
+  }
+  return true;
 }
 
 // Whether dicts[i][keys[k]] is expected[i * len(keys) + k] for every i and k. An entry that is not
@@ -103,7 +120,9 @@ py::object step_grads(py::handle with_grad, py::handle without_grad) {
 
 void bind_step_plan_checks(py::module_& m) {
   m.def("same_objects", &same_objects, py::arg("a"), py::arg("b"),
-        "Whether iterating a and b yields the same objects (by identity) in the same order.");
+        "Whether sequences a and b hold the same objects (by identity) in the same order.");
+  m.def("same_items", &same_items, py::arg("d"), py::arg("keys"), py::arg("values"),
+        "Whether dict d holds exactly keys[i]: values[i] (by identity), in that order.");
   m.def("entries_are", &entries_are, py::arg("dicts"), py::arg("keys"), py::arg("expected"),
         "Whether dicts[i][keys[k]] is expected[i * len(keys) + k] for every i and k.");
   m.def("step_grads", &step_grads, py::arg("with_grad"), py::arg("without_grad"),

@@ -62,7 +62,7 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
-// Binds same_objects, entries_are and dense_grads to `m` (documented in optim_python.cpp).
+// Binds same_objects, same_items, entries_are and step_grads to `m` (see optim_python.cpp).
 void bind_step_plan_checks(pybind11::module_& m);
 
 }  // namespace fusedtrain

@@ -4,7 +4,6 @@ _torch_loop)."""
 
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -32,7 +31,7 @@ class GroupPlan(NamedTuple):
     """A param group's step as the subclass planned it (`calls`, see _make_plan), with what it was
     planned from, which the step compares at C speed before using it again."""
 
-    group: dict  # the group it steps (plans are looked up by id(group))
+    group: dict  # the group it steps; held, so id(group), the plan's key, stays the group's own
     params: list[Tensor]  # a copy of group["params"]
     with_grad: list[Tensor]  # those that had a gradient: the params the calls update, in order
     without_grad: list[Tensor]
@@ -41,12 +40,12 @@ class GroupPlan(NamedTuple):
     calls: object
 
     def current_grads(self, optimizer: MultiTensorOptimizer, group: dict) -> list[Tensor] | None:
-        """The gradients of with_grad if the plan still holds, else None: the group, its params,
-        its flags and the planned state tensors are the same objects, the same params have a
+        """The gradients of with_grad if the plan still holds, else None: the group's params, its
+        flags and the planned state tensors are the same objects, the same params have a
         gradient and each gradient is one the kernels take as it is (see _C.step_grads).
         Whether optimizer.state still maps each param to the same per-param dict is the
         optimizer's check (see _state_unchanged)."""
-        if (self.group is not group or self.flags != optimizer._flags(group)
+        if (self.flags != optimizer._flags(group)
                 or not _CHECKS.same_objects(group["params"], self.params)
                 or not _CHECKS.entries_are(*self.state)):
             return None
@@ -73,7 +72,8 @@ class MultiTensorOptimizer(Optimizer):
     and optimizer.state itself (whatever replaced, cleared or added them: load_state_dict, a
     tensor put in by hand, state.clear()). Checking that takes a few C loops per step (see
     GroupPlan.current_grads); anything else plans the group anew, with the full checks of its
-    params and existing state before any group is stepped.
+    params and existing state before any group is stepped. The kernels of backend "auto" are
+    picked (FUSEDTRAIN_BACKEND read) when a group is planned.
     """
 
     def __init__(self, params, defaults: dict, backend: str) -> None:
@@ -85,8 +85,8 @@ class MultiTensorOptimizer(Optimizer):
         # torch.amp.GradScaler then hands over grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
         self._plans: dict[int, GroupPlan] = {}
-        # (optimizer.state, its keys, its values, FUSEDTRAIN_BACKEND) when plans were last made.
-        self._state_seen: tuple = (None, [], [], None)
+        # (optimizer.state, its keys, its values) when plans were last made.
+        self._state_seen: tuple = (None, [], [])
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "backend": self.backend}
@@ -100,7 +100,6 @@ class MultiTensorOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._reset_step_caches()
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One step over every param group; returns the closure's loss if one is given."""
         loss = None
@@ -108,12 +107,25 @@ class MultiTensorOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_graph_capture()
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                # dynamo runs _init_group eagerly (see there)
+                for group in self.param_groups:
+                    self._init_group(group)
+                self._step_groups(compiling=True)
+            return loss
+        # torch.no_grad() as a context costs more than a step's Python around the kernel calls
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_groups(compiling=False)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        return loss
+
+    def _step_groups(self, compiling: bool) -> None:
         # Under torch.compile nothing is cached: dynamo guards on what the traced step reads
         # (params, gradients, state, hyperparameters), which takes the cache's place.
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            for group in self.param_groups:
-                self._init_group(group)
         plans = self._plans if not compiling and self._state_unchanged() else {}
         steps = []  # per group: the cached plan and the gradients to step it with, or None
         for group in self.param_groups:
@@ -141,7 +153,6 @@ class MultiTensorOptimizer(Optimizer):
                 self._run_plan(group, plan.calls, grads)
         if stale and not compiling:
             self._remember_state()
-        return loss
 
     def _check_groups(self, indices: list[int]) -> dict[int, list[Tensor] | object]:
         """The full checks of the groups at `indices`, none of which has a plan that holds, all
@@ -178,19 +189,15 @@ class MultiTensorOptimizer(Optimizer):
 
     def _state_unchanged(self) -> bool:
         """Whether optimizer.state is the dict, with the same per-param dicts under the same
-        params, that the cached plans were made against (and FUSEDTRAIN_BACKEND, which picks
-        the kernels of backend "auto", the same)."""
-        state, keys, values, environment = self._state_seen
-        return (state is self.state and _CHECKS is not None
-                and _CHECKS.same_objects(state, keys) and _CHECKS.same_objects(state.values(), values)
-                and self._backend_environment() == environment)
+        params, that the cached plans were made against."""
+        state, keys, values = self._state_seen
+        return state is self.state and _CHECKS is not None and _CHECKS.same_items(state, keys, values)
 
     def _remember_state(self) -> None:
-        self._state_seen = (self.state, list(self.state), list(self.state.values()),
-                            self._backend_environment())
-
-    def _backend_environment(self) -> str | None:
-        return os.environ.get("FUSEDTRAIN_BACKEND") if self.backend == "auto" else None
+        self._state_seen = (self.state, list(self.state), list(self.state.values()))
+        # Plans of groups no longer in param_groups would keep their tensors alive.
+        groups = set(map(id, self.param_groups))
+        self._plans = {key: plan for key, plan in self._plans.items() if key in groups}
 
     def _flags(self, group: dict) -> tuple:
         return (group["differentiable"], *self._plan_flags(group))
