@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fusedtrain.optim
 from helpers import clone_params, make_params, set_random_grads, train_side_by_side
@@ -312,3 +313,30 @@ def test_replaced_state_tensor_that_does_not_fit_is_refused_before_any_change(na
     for index, entries in before[1]["state"].items():
         for k, value in entries.items():
             assert torch.equal(opt.state_dict()["state"][index][k], value), (index, k)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_step_hooks_and_profiler_range_as_torch(name):
+    """The fused step records its own profiler range and calls the hooks itself (see
+    _base._with_step_hooks); both as torch.optim's wrapper of step() does."""
+    seen = {}
+    for module in (torch.optim, fusedtrain.optim):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        opt = getattr(module, name)([p], lr=0.1)
+        calls = []
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", args[1:], kwargs)))
+        # a pre-hook may replace the arguments: here the closure, whose loss step() returns
+        opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: torch.tensor(7.0)}))
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args[1:], list(kwargs))))
+        handle = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))
+        try:
+            with torch.profiler.profile() as prof:
+                loss = opt.step()
+        finally:
+            handle.remove()
+        ranges = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        seen[module] = (calls, loss, ranges, p.detach().clone())
+    assert seen[fusedtrain.optim][:3] == seen[torch.optim][:3]
+    assert seen[fusedtrain.optim][2] == [f"Optimizer.step#{name}.step"]
+    torch.testing.assert_close(seen[fusedtrain.optim][3], seen[torch.optim][3])

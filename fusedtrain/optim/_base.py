@@ -4,10 +4,13 @@ _torch_loop)."""
 
 from __future__ import annotations
 
+import functools
+from itertools import chain
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
 from torch.optim.optimizer import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -57,6 +60,41 @@ class GroupPlan(NamedTuple):
 _CHECKS = _extension._C if _extension.native_available() else None
 
 
+def _with_step_hooks(step: Callable) -> Callable:
+    """What torch.optim.Optimizer.profile_hook_step wraps around every optimizer's step: the
+    global and per-optimizer pre- and post-hooks, and the profiler's range named
+    "Optimizer.step#<class>.step", here recorded by torch's C++ _RecordFunctionFast, as cheap as
+    a Python call, where torch's record_function costs ~10 us: a seventh of a fused step over
+    100 small tensors. (Under torch.compile, record_function, which dynamo knows.) Marked
+    hooked, so that torch does not wrap the step again."""
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        name = f"Optimizer.step#{type(self).__name__}.step"
+        record = (torch.autograd.profiler.record_function if torch.compiler.is_compiling()
+                  else torch._C._profiler._RecordFunctionFast)
+        with record(name):
+            for pre_hook in chain(torch_optimizer._global_optimizer_pre_hooks.values(),
+                                  self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(f"{step} must return None or a tuple of (new_args, "
+                                           f"new_kwargs), but got {result}.")
+            out = step(*args, **kwargs)
+            self._optimizer_step_code()
+            for post_hook in chain(self._optimizer_step_post_hooks.values(),
+                                   torch_optimizer._global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True
+    return wrapper
+
+
 class MultiTensorOptimizer(Optimizer):
     """A torch.optim.Optimizer whose step updates each param group with one multi-tensor op.
 
@@ -100,6 +138,7 @@ class MultiTensorOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self._reset_step_caches()
 
+    @_with_step_hooks
     def step(self, closure=None):
         """One step over every param group; returns the closure's loss if one is given."""
         loss = None
