@@ -99,6 +99,22 @@ def assert_unchanged(before, opt, params):
             assert torch.equal(now["state"][index][key], value), key
 
 
+@pytest.mark.parametrize("data,message", [
+    (lambda p: torch.randn(2, 6), r"param 1 of param group 1 has shape \(2, 6\) but its grad has shape \(4, 3\)"),
+    (lambda p: p.data.double(), "param 1 of param group 1 is torch.float64 on cpu but its grad is torch.float32"),
+])
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_grad_that_no_longer_fits_in_a_later_group_mutates_nothing(name, data, message):
+    """The groups' step plans are cached by then: the gradient is checked against its param all
+    the same (torch refuses to assign one that does not fit; a param's .data can still change)."""
+    opt, params = trained_optimizer(name)
+    params[2].data = data(params[2])
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_sparse_grad_in_a_later_group_mutates_nothing(name):
     opt, params = trained_optimizer(name)
