@@ -381,15 +381,19 @@ def _loader_tensors(loader: DataLoader) -> tuple[Tensor, Tensor] | None:
 
 def _loader_orders(loader: DataLoader, epochs: int) -> Tensor | None:
     """The row order of each epoch, drawn exactly as iterating the loader draws it: creating its
-    iterator takes a base seed from the loader's generator (or the global one), then the batch
-    sampler runs (RandomSampler seeds its own generator from the global one when it has none).
-    None when every epoch takes the rows in order, all of them."""
-    in_order = type(loader.sampler) is SequentialSampler and not loader.drop_last
+    iterator takes a base seed from the loader's generator (or the global one), then the sampler
+    runs (RandomSampler seeds its own generator from the global one when it has none); the batch
+    sampler only groups the sampler's indices, without drop_last's short last batch. None when
+    every epoch takes all the rows in order."""
+    in_order = type(loader.sampler) is SequentialSampler
+    rows = len(loader.sampler) // loader.batch_size * loader.batch_size if loader.drop_last else len(loader.sampler)
     orders = []
     for _ in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         if not in_order:
-            orders.append(torch.tensor([i for batch in loader.batch_sampler for i in batch], dtype=torch.int64))
+            orders.append(torch.tensor(list(loader.sampler), dtype=torch.int64)[:rows])
+    if in_order and loader.drop_last and epochs > 0:
+        return torch.arange(rows).expand(epochs, rows)
     return torch.stack(orders) if orders else None
 
 
