@@ -130,7 +130,7 @@ class _Training:
 
     def resolve_backend(self) -> str:
         """The concrete backend for the model's device now (FUSEDTRAIN_BACKEND is read at each
-        call, as by the optimizers' steps); a named error if none can run there."""
+        call of a fused step); a named error if none can run there."""
         name = "linear_mse_train_step_" if self.linear_mse else ("stack_adam_step_" if self.adam else "stack_sgd_step_")
         try:
             return _dispatch.resolve(self.backend, self.device, name)
