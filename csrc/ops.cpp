@@ -142,6 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The native training loop over a stack (fusedtrain.fit): the description and the optimizer's
   // hyperparameters as objects built once, with fields named as the ops' arguments.
   namespace cpu = fusedtrain::cpu;
+  using fusedtrain::AdamHyper;
+  using fusedtrain::SgdHyper;
   py::class_<fusedtrain::StackSpec>(m, "StackSpec", "A layer stack's description (fusedtrain.stacks.StackSpec).")
       .def(py::init([](std::vector<bool> has_bias, std::vector<int64_t> layer_params,
                        std::vector<int64_t> activations, std::vector<double> activation_params, int64_t loss,
@@ -152,25 +154,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("has_bias"), py::arg("layer_params"), py::arg("activations"), py::arg("activation_params"), py::arg("loss"),
            py::arg("reduction"), py::arg("loss_param"), py::arg("ignore_index"), py::arg("label_smoothing"));
-  py::class_<cpu::AdamHyper>(m, "AdamHyper", "adam_step_'s hyperparameters.")
+  py::class_<AdamHyper>(m, "AdamHyper", "adam_step_'s hyperparameters.")
       .def(py::init<>())
-      .def_readwrite("lr", &cpu::AdamHyper::lr)
-      .def_readwrite("beta1", &cpu::AdamHyper::beta1)
-      .def_readwrite("beta2", &cpu::AdamHyper::beta2)
-      .def_readwrite("eps", &cpu::AdamHyper::eps)
-      .def_readwrite("weight_decay", &cpu::AdamHyper::weight_decay)
-      .def_readwrite("decoupled", &cpu::AdamHyper::decoupled)
-      .def_readwrite("amsgrad", &cpu::AdamHyper::amsgrad)
-      .def_readwrite("maximize", &cpu::AdamHyper::maximize);
-  py::class_<cpu::SgdHyper>(m, "SgdHyper", "sgd_step_'s hyperparameters.")
+      .def_readwrite("lr", &AdamHyper::lr)
+      .def_readwrite("beta1", &AdamHyper::beta1)
+      .def_readwrite("beta2", &AdamHyper::beta2)
+      .def_readwrite("eps", &AdamHyper::eps)
+      .def_readwrite("weight_decay", &AdamHyper::weight_decay)
+      .def_readwrite("decoupled", &AdamHyper::decoupled)
+      .def_readwrite("amsgrad", &AdamHyper::amsgrad)
+      .def_readwrite("maximize", &AdamHyper::maximize);
+  py::class_<SgdHyper>(m, "SgdHyper", "sgd_step_'s hyperparameters.")
       .def(py::init<>())
-      .def_readwrite("lr", &cpu::SgdHyper::lr)
-      .def_readwrite("momentum", &cpu::SgdHyper::momentum)
-      .def_readwrite("dampening", &cpu::SgdHyper::dampening)
-      .def_readwrite("weight_decay", &cpu::SgdHyper::weight_decay)
-      .def_readwrite("nesterov", &cpu::SgdHyper::nesterov)
-      .def_readwrite("maximize", &cpu::SgdHyper::maximize)
-      .def_readwrite("first_step", &cpu::SgdHyper::first_step);
+      .def_readwrite("lr", &SgdHyper::lr)
+      .def_readwrite("momentum", &SgdHyper::momentum)
+      .def_readwrite("dampening", &SgdHyper::dampening)
+      .def_readwrite("weight_decay", &SgdHyper::weight_decay)
+      .def_readwrite("nesterov", &SgdHyper::nesterov)
+      .def_readwrite("maximize", &SgdHyper::maximize)
+      .def_readwrite("first_step", &SgdHyper::first_step);
   py::class_<cpu::FitData>(m, "FitData", "The rows, epochs and batches of one stack fit.")
       .def(py::init([](at::Tensor x, at::Tensor target, int64_t epochs, int64_t batch_size,
                        std::optional<at::Tensor> orders, std::optional<at::Generator> generator,
@@ -183,13 +185,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack_fit_adam_cpu",
         [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
            const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
-           const Tensors& steps, const cpu::AdamHyper& hyper) {
+           const Tensors& steps, const AdamHyper& hyper) {
           return cpu::stack_fit_adam_cpu(data, params, spec, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
         },
         py::call_guard<py::gil_scoped_release>());
   m.def("stack_fit_sgd_cpu",
         [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
-           const Tensors& momentum_buffers, const cpu::SgdHyper& hyper) {
+           const Tensors& momentum_buffers, const SgdHyper& hyper) {
           return cpu::stack_fit_sgd_cpu(data, params, spec, momentum_buffers, hyper);
         },
         py::call_guard<py::gil_scoped_release>());

@@ -10,23 +10,12 @@
 #include <ATen/core/Tensor.h>
 
 #include "../multi_tensor_checks.h"
+#include "../optimizer_hyper.h"
 #include "cpu_isa.h"
 #include "multi_tensor.h"
 
 namespace fusedtrain {
 namespace cpu {
-
-// adam_step_'s hyperparameters (its float and bool arguments, in its order).
-struct AdamHyper {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool decoupled, amsgrad, maximize;
-};
-
-// sgd_step_'s hyperparameters (its float and bool arguments, in its order).
-struct SgdHyper {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, first_step;  // first_step: the momentum buffers start as the gradient
-};
 
 // A state tensor that the loops address by raw pointer beside its param.
 inline void check_contiguous_state(const char* op, at::TensorList params, at::TensorList state) {
