@@ -60,16 +60,6 @@ TORCH_LIBRARY(fusedtrain, m) {
       "linear_mse_fwd_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, int reduction, "
       "bool need_grad_x, bool need_grad_params=True) -> (Tensor loss, Tensor grad_weight, "
       "Tensor grad_bias, Tensor grad_x)");
-  // One training step of a linear layer with an MSE loss: forward, loss, gradients and the
-  // update of weight and bias by SGD (adam=False) or Adam/AdamW, in place, with the optimizer's
-  // state tensors (see csrc/cpu/linear_mse_fit.h for their order). Returns the loss before the
-  // update.
-  m.def(
-      "linear_mse_train_step_(Tensor x, Tensor target, Tensor(a!) weight, Tensor(b!)? bias, "
-      "int reduction, Tensor(c!)[] state, bool adam, float lr, float weight_decay, bool maximize, "
-      "float beta1, float beta2, float eps, bool decoupled, bool amsgrad, float momentum, "
-      "float dampening, bool nesterov, bool first_step) -> Tensor");
-
   // Layer stacks: params are each layer's weight (out, in) and, if it has one, its bias (out),
   // layer by layer; the stack is described by the arguments of kStackSpecSchema (csrc/stack_spec.h,
   // fusedtrain.stacks.StackSpec). target: (N, out) in x's dtype, or (N,) int64 classes for cross

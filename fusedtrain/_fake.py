@@ -42,13 +42,6 @@ def _linear_mse_fwd_bwd_fake(x, weight, bias, target, reduction, need_grad_x, ne
     )
 
 
-@torch.library.register_fake("fusedtrain::linear_mse_train_step_")
-def _linear_mse_train_step_fake(x, target, weight, bias, reduction, state, adam, lr, weight_decay,
-                                maximize, beta1, beta2, eps, decoupled, amsgrad, momentum,
-                                dampening, nesterov, first_step):
-    return x.new_empty(())
-
-
 @torch.library.register_fake("fusedtrain::stack_fwd_bwd")
 def _stack_fwd_bwd_fake(x, target, params, has_bias, layer_params, activations, activation_params, loss,
                         reduction, loss_param, ignore_index, label_smoothing, need_grads=True):

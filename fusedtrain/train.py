@@ -9,10 +9,10 @@ going back to the stock loop all keep working.
 
 ``backend=`` ("auto", "native", "triton", "reference") picks the implementation as the optimizers
 do (fusedtrain._dispatch). Native on the CPU runs the whole loop in one call (stack_fit_*_cpu);
-every other backend loops in Python over its train-step op, one call per batch, with the same
-batches, shuffling, validation and history. Depth 1 with MSE keeps its own kernels there (the
-linear_mse ops, on CUDA and in Triton too); deeper stacks have CPU kernels, and the reference
-elsewhere.
+every other backend loops in Python over its train-step op (stack_adam_step_ or stack_sgd_step_),
+one call per batch, with the same batches, shuffling, validation and history. Every backend
+implements the stack ops; one nn.Linear under MSE is their depth-1 case, for which the native and
+Triton kernels keep the linear_mse kernels (one pass over x for narrow outputs).
 """
 
 from __future__ import annotations
@@ -114,26 +114,18 @@ class _Training:
         self.optimizer = optimizer
         self.backend = backend
         self.adam = isinstance(optimizer, (torch.optim.Adam, fusedtrain.optim.Adam))
-        spec = self.stack.spec
-        # One nn.Linear under MSE: the linear kernels (one pass over x for narrow outputs), which
-        # also run on CUDA and in Triton.
-        self.linear_mse = (len(spec.activations) == 1 and spec.activations[0] == stacks.Activation.IDENTITY
-                           and spec.loss == stacks.Loss.MSE)
         self.device = self.params[0].device
         self.resolve_backend()  # an unknown one, or one that cannot run here, fails now
-        self._native_spec = _extension._C.StackSpec(*spec) if _extension.native_available() else None
+        self._native_spec = _extension._C.StackSpec(*self.stack.spec) if _extension.native_available() else None
 
     def step_op_name(self) -> str:
-        if self.linear_mse and not (self.device.type == "cpu" and self.resolve_backend() == "native"):
-            return "linear_mse_train_step_"
         return "stack_adam_step_" if self.adam else "stack_sgd_step_"
 
     def resolve_backend(self) -> str:
         """The concrete backend for the model's device now (FUSEDTRAIN_BACKEND is read at each
         call of a fused step); a named error if none can run there."""
-        name = "linear_mse_train_step_" if self.linear_mse else ("stack_adam_step_" if self.adam else "stack_sgd_step_")
         try:
-            return _dispatch.resolve(self.backend, self.device, name)
+            return _dispatch.resolve(self.backend, self.device, self.step_op_name())
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"{self.caller}: {e}") from None
 
@@ -224,27 +216,13 @@ class _Training:
         """The loss of (x, target), no gradient work."""
         backend = self.resolve_backend()
         params = [p.detach() for p in self.params]
-        if self.step_op_name() == "linear_mse_train_step_":
-            fwd = _dispatch.op("linear_mse_fwd_bwd", backend, self.device)
-            return fwd(x, params[0], params[1] if len(params) > 1 else None, target, self.stack.spec.reduction,
-                       False, False)[0]
         return _dispatch.op("stack_fwd_bwd", backend, self.device)(x, target, params, *self.stack.spec, False)[0]
 
     def _step_functions(self, backend: str, state, hyper) -> tuple[Callable, Callable]:
         """step(x, target, first_step) -> loss and loss(x, target) -> loss of `backend`'s ops."""
         params = [p.detach() for p in self.params]
         spec = self.stack.spec
-        name = self.step_op_name()
-        op = _dispatch.op(name, backend, self.device)
-        if name == "linear_mse_train_step_":
-            weight, bias = params[0], (params[1] if len(params) > 1 else None)
-            flat = ([*state.exp_avgs, *state.exp_avg_sqs, *state.max_exp_avg_sqs, *state.steps]
-                    if self.adam else state)
-            update = ((True, hyper.lr, hyper.weight_decay, hyper.maximize, hyper.beta1, hyper.beta2, hyper.eps,
-                       hyper.decoupled, hyper.amsgrad, 0.0, 0.0, False) if self.adam else
-                      (False, hyper.lr, hyper.weight_decay, hyper.maximize, 0.0, 0.0, 0.0, False, False,
-                       hyper.momentum, hyper.dampening, hyper.nesterov))
-            return (lambda x, t, first: op(x, t, weight, bias, spec.reduction, flat, *update, first)), self.evaluate
+        op = _dispatch.op(self.step_op_name(), backend, self.device)
         if self.adam:
             step = lambda x, t, first: op(x, t, params, *spec, *state, *hyper)  # noqa: E731
         else:

@@ -217,38 +217,37 @@ def test_mse_loss_module_matches_nn(reduction, shapes):
                                torch.autograd.grad(want, (a, t), grad_out))
 
 
-TRAIN_STEP_UPDATES = {
-    # adam, lr, weight_decay, maximize, beta1, beta2, eps, decoupled, amsgrad, momentum,
-    # dampening, nesterov
-    "adam": (True, 0.01, 0.1, False, 0.9, 0.99, 1e-8, False, False, 0.0, 0.0, False),
-    "adamw-amsgrad": (True, 0.02, 0.1, True, 0.8, 0.9, 1e-6, True, True, 0.0, 0.0, False),
-    "sgd": (False, 0.05, 0.0, False, 0.9, 0.999, 1e-8, False, False, 0.0, 0.0, False),
-    "sgd-nesterov": (False, 0.05, 0.01, True, 0.9, 0.999, 1e-8, False, False, 0.9, 0.0, True),
+DEPTH1_UPDATES = {
+    # the stack train step op, its state lists (params -> tuple of lists) and hyperparameters
+    "adam": ("stack_adam_step_", lambda ps: ([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                                             [], [torch.tensor(0.0) for _ in ps]),
+             (0.01, 0.9, 0.99, 1e-8, 0.1, False, False, False)),
+    "adamw-amsgrad-maximize": ("stack_adam_step_", lambda ps: tuple([torch.zeros_like(p) for p in ps] for _ in range(3))
+                               + ([torch.tensor(0.0) for _ in ps],), (0.02, 0.8, 0.9, 1e-6, 0.1, True, True, True)),
+    "sgd": ("stack_sgd_step_", lambda ps: ([],), (0.05, 0.0, 0.0, 0.0, False, False, False)),
+    "sgd-nesterov-maximize": ("stack_sgd_step_", lambda ps: ([torch.empty_like(p) for p in ps],),
+                              (0.05, 0.9, 0.0, 0.01, True, True, True)),
 }
 
 
-def train_step_state(update, params):
-    adam, amsgrad, momentum = update[0], update[8], update[9]
-    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
-    if adam:
-        return zeros() + zeros() + (zeros() if amsgrad else []) + [torch.tensor(0.0) for _ in params]
-    return zeros() if momentum != 0 else []
-
-
 @pytest.mark.parametrize("has_bias", [True, False])
-@pytest.mark.parametrize("update", TRAIN_STEP_UPDATES.values(), ids=TRAIN_STEP_UPDATES.keys())
-def test_reference_train_step_matches_the_op(update, has_bias):
+@pytest.mark.parametrize("update", DEPTH1_UPDATES.values(), ids=DEPTH1_UPDATES.keys())
+def test_linear_mse_is_the_depth_1_stack_of_the_train_step_ops(update, has_bias):
+    """One nn.Linear under MSE is the stack of depth 1: the train step ops run it with the linear
+    kernels, and agree with the reference's stack step over three steps (SGD's first step starts
+    the momentum buffers)."""
+    name, make_state, hyper = update
     g = torch.Generator().manual_seed(5)
     x, target = torch.randn(40, 6, generator=g), torch.randn(40, 3, generator=g)
+    spec = fusedtrain.stacks.describe(torch.nn.Linear(6, 3, bias=has_bias), torch.nn.MSELoss()).spec
     ref_params = [torch.randn(3, 6, generator=g)] + ([torch.randn(3, generator=g)] if has_bias else [])
     op_params = [p.clone() for p in ref_params]
-    ref_state, op_state = train_step_state(update, ref_params), train_step_state(update, op_params)
+    ref_state, op_state = make_state(ref_params), make_state(op_params)
     for step in range(3):
-        for params, state, run in ((ref_params, ref_state, reference.linear_mse_train_step_),
-                                   (op_params, op_state, torch.ops.fusedtrain.linear_mse_train_step_)):
-            bias = params[1] if has_bias else None
-            loss = run(x, target, params[0], bias, reference.MEAN, state, *update, step == 0)
-            (ref_loss := loss) if run is reference.linear_mse_train_step_ else torch.testing.assert_close(loss, ref_loss)
+        step_hyper = hyper if name == "stack_adam_step_" else (*hyper[:-1], hyper[-1] and step == 0)
+        want = getattr(reference, name)(x, target, ref_params, *spec, *ref_state, *step_hyper)
+        got = getattr(torch.ops.fusedtrain, name)(x, target, op_params, *spec, *op_state, *step_hyper)
+        torch.testing.assert_close(got, want)
     torch.testing.assert_close(op_params, ref_params)
     torch.testing.assert_close(op_state, ref_state)
 

@@ -227,33 +227,20 @@ def test_target_that_broadcasts_warns_like_mse_loss():
     assert any("Using a target size" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("adam", [True, False])
-def test_opcheck_train_step(adam):
-    x, y = torch.randn(6, 3), torch.randn(6, 2)
-    weight, bias = torch.randn(2, 3), torch.randn(2)
-    if adam:
-        state = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 3), torch.zeros(2),
-                 torch.tensor(0.0), torch.tensor(0.0)]
-    else:
-        state = [torch.zeros(2, 3), torch.zeros(2)]
-    args = (x, y, weight, bias, 1, state, adam, 0.01, 0.0, False, 0.9, 0.999, 1e-8, False, False,
-            0.9, 0.0, False, False)
-    torch.library.opcheck(torch.ops.fusedtrain.linear_mse_train_step_.default, args)
-
-
 def test_train_step_op_equals_fused_train_step():
     x, y, model = make_problem(20, 4, 1, seed=13)
     twin = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     step = fusedtrain.FusedTrainStep(model, opt)
-    state = [torch.zeros_like(twin.weight), torch.zeros_like(twin.bias), torch.zeros_like(twin.weight),
-             torch.zeros_like(twin.bias), torch.tensor(0.0), torch.tensor(0.0)]
+    params = [twin.weight, twin.bias]
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    state = (zeros(), zeros(), [], [torch.tensor(0.0) for _ in params])
+    spec = fusedtrain.stacks.describe(twin, torch.nn.MSELoss()).spec
     for _ in range(5):
         want = step(x, y)
         with torch.no_grad():
-            got = torch.ops.fusedtrain.linear_mse_train_step_(
-                x, y, twin.weight, twin.bias, 1, state, True, 0.01, 0.0, False, 0.9, 0.999, 1e-8,
-                False, False, 0.0, 0.0, False, False)
+            got = torch.ops.fusedtrain.stack_adam_step_(x, y, params, *spec, *state, 0.01, 0.9, 0.999, 1e-8,
+                                                        0.0, False, False, False)
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(twin.weight, model.weight)
 
@@ -301,13 +288,14 @@ def test_auto_backend_follows_the_environment_and_the_step_loop_equals_the_nativ
     with the native op standing in for it, the loop's batches, shuffling, validation and
     history are the native loop's."""
     calls = []
+    op_name = "stack_adam_step_" if name in ("Adam", "AdamW") else "stack_sgd_step_"
 
     def native_step(*args):
         calls.append(args[0].shape[0])
-        return torch.ops.fusedtrain.linear_mse_train_step_(*args)
+        return getattr(torch.ops.fusedtrain, op_name)(*args)
 
     want = train_with_backend(name, kwargs, "native", torch.optim)
-    monkeypatch.setattr(fusedtrain.reference, "linear_mse_train_step_", native_step)
+    monkeypatch.setattr(fusedtrain.reference, op_name, native_step)
     monkeypatch.setenv("FUSEDTRAIN_BACKEND", "reference")
     assert not calls
     got = train_with_backend(name, kwargs, "auto", torch.optim)
