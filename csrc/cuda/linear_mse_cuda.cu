@@ -1,5 +1,7 @@
-// CUDA implementations of fusedtrain::linear_mse_fwd_bwd and fusedtrain::linear_mse_train_step_
-// (the math: linear_mse_math.h; the optimizer updates: adam_math.h and sgd_math.h, as on the CPU).
+// CUDA implementations of fusedtrain::linear_mse_fwd_bwd and of the train step of one nn.Linear
+// under MSELoss, the depth-1 case of the stack ops (stack_cuda.cu calls it through
+// linear_mse_cuda.h). The math: linear_mse_math.h; the optimizer updates: adam_math.h and
+// sgd_math.h, as on the CPU.
 //
 // Small outputs (out <= kMaxFusedOut): ONE kernel, launched cooperatively (every block resident
 // at once, so blocks can wait for each other at grid-wide barriers), on a grid sized by
@@ -28,7 +30,7 @@
 // Large outputs, or a device without cooperative launches: the prediction of a block of rows
 // comes from a GEMM (ATen, so cuBLAS), one kernel turns it into dloss/dpred in place while
 // summing the loss, and GEMMs accumulate the gradients: memory grows by one block, as on the
-// CPU. The train step then runs the optimizer kernels of optim_cuda.cu on weight and bias.
+// CPU. The stack ops' train step (stack_cuda.cu) then runs the optimizer kernels of optim_cuda.cu.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -43,15 +45,15 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include "../cpu/linear_mse_fit.h"
 #include "../linear_mse_checks.h"
-#include "../multi_tensor_checks.h"
+#include "../optimizer_hyper.h"
 #include "fusedtrain/adam_math.h"
 #include "fusedtrain/linear_mse_math.h"
 #include "fusedtrain/sgd_math.h"
 #include "fused_grid.h"
+#include "grid_sum.cuh"
 #include "launch.cuh"
-#include "optim_cuda.h"
+#include "linear_mse_cuda.h"
 
 namespace fusedtrain {
 namespace cuda {
@@ -64,12 +66,6 @@ constexpr int kRows = kFusedRows;
 constexpr int64_t kLargeOutBlockElements = int64_t{1} << 22;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename T>
-__device__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 template <typename T>
 struct FusedArgs {
@@ -136,11 +132,6 @@ struct TrainedParams {
     }
   }
   __device__ void store_loss(double total) const { *loss = static_cast<T>(total / loss_divisor); }
-};
-
-struct AdamHyper {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool decoupled, maximize;
 };
 
 // Adam / AdamW on weight and bias, each with its own state and step count (state[i] is param i's).
@@ -227,29 +218,6 @@ __device__ __forceinline__ void warp_dots(const FusedArgs<T>& a, int64_t row, in
 #pragma unroll
   for (int o = 0; o < kMaxFusedOut; ++o) {
     if (o < a.out) dots[o] = warp_sum(dots[o]);
-  }
-}
-
-// For every element e of [0, count): f(e, the sum of parts[p * count + e] over p in [0, parts))
-// on one lane, the work spread over the whole grid. `lanes` lanes of a warp share an element:
-// lane j adds parts j, j + lanes, ... in order, then a fixed shuffle tree adds the lanes, so the
-// sum is the same on every run. Other blocks wrote `parts`: read through L2, as this SM's L1
-// may hold older lines of them. Every lane of a warp runs the loop alike, as the shuffles need.
-template <typename T, typename F>
-__device__ __forceinline__ void grid_sum_parts(const T* parts, int64_t count, int64_t num_parts,
-                                               int lanes, F&& f) {
-  const int lane = threadIdx.x % 32;
-  const int64_t per_warp = 32 / lanes;
-  const int64_t grid_warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int64_t grid_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
-  for (int64_t base = grid_warp * per_warp; base < count; base += grid_warps * per_warp) {
-    const int64_t e = base + lane / lanes;
-    T sum = T(0);
-    if (e < count) {
-      for (int64_t p = lane % lanes; p < num_parts; p += lanes) sum += __ldcg(parts + p * count + e);
-    }
-    for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (e < count && lane % lanes == 0) f(e, sum);
   }
 }
 
@@ -550,6 +518,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd(
   return {loss, grad_weight, grad_bias, grad_x};
 }
 
+// The train step's params and loss for the fused kernel: weight, bias if the layer has one.
+template <typename T>
+TrainedParams<T> trained_params(const LinearMseCall& c, at::TensorList params, const at::Tensor& loss,
+                                int64_t reduction) {
+  return {{params[0].data_ptr<T>(), params.size() > 1 ? params[1].data_ptr<T>() : nullptr},
+          c.out * c.in,
+          loss.data_ptr<T>(),
+          reduction == at::Reduction::Mean ? static_cast<double>(c.count) : 1.0};
+}
+
+// Param i's tensor in a state list; null past its end (a bias that is absent, amsgrad off).
+template <typename T>
+T* state_of(at::TensorList state, size_t i) {
+  return i < state.size() ? state[i].data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+at::Tensor fused_adam_step(const LinearMseCall& c, int64_t reduction, at::TensorList params,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h) {
+  at::Tensor loss = at::empty({}, c.x.options());
+  const TrainedParams<T> trained = trained_params<T>(c, params, loss, reduction);
+  const auto step_of = [&](size_t i) -> float* { return i < steps.size() ? steps[i].data_ptr<float>() : nullptr; };
+  const cudaStream_t stream = native(current_stream(c.x.device()));
+  with_flag(h.amsgrad, [&](auto amsgrad) {
+    constexpr bool kAmsgrad = decltype(amsgrad)::value;
+    with_flag(h.weight_decay != 0.0 && !h.decoupled, [&](auto coupled) {
+      launch_fused<T>(c, true, nullptr,
+                      AdamUpdate<T, kAmsgrad, decltype(coupled)::value>{
+                          trained,
+                          {state_of<T>(exp_avgs, 0), state_of<T>(exp_avgs, 1)},
+                          {state_of<T>(exp_avg_sqs, 0), state_of<T>(exp_avg_sqs, 1)},
+                          {state_of<T>(max_exp_avg_sqs, 0), state_of<T>(max_exp_avg_sqs, 1)},
+                          {step_of(0), step_of(1)},
+                          h},
+                      stream);
+    });
+  });
+  return loss;
+}
+
+template <typename T>
+at::Tensor fused_sgd_step(const LinearMseCall& c, int64_t reduction, at::TensorList params,
+                          at::TensorList momentum_buffers, const SgdHyper& h) {
+  at::Tensor loss = at::empty({}, c.x.options());
+  const TrainedParams<T> trained = trained_params<T>(c, params, loss, reduction);
+  const math::SgdCoeffs<T> coeffs =
+      math::make_sgd_coeffs<T>(h.lr, h.momentum, h.dampening, h.weight_decay, h.maximize);
+  const cudaStream_t stream = native(current_stream(c.x.device()));
+  const auto launch = [&](const auto& update) { launch_fused<T>(c, true, nullptr, update, stream); };
+  with_flag(h.weight_decay != 0.0, [&](auto decay) {
+    constexpr bool kDecay = decltype(decay)::value;
+    if (h.momentum == 0.0) {
+      launch(SgdUpdate<T, kDecay, false, false, false>{trained, {nullptr, nullptr}, coeffs});
+      return;
+    }
+    with_flag(h.first_step, [&](auto first) {
+      with_flag(h.nesterov, [&](auto nesterov) {
+        launch(SgdUpdate<T, kDecay, true, decltype(first)::value, decltype(nesterov)::value>{
+            trained, {state_of<T>(momentum_buffers, 0), state_of<T>(momentum_buffers, 1)}, coeffs});
+      });
+    });
+  });
+  return loss;
+}
+
+LinearMseCall prepare_train_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                                 int64_t reduction) {
+  const std::optional<at::Tensor> bias = params.size() > 1 ? std::optional<at::Tensor>(params[1]) : std::nullopt;
+  return prepare_linear_mse(x, params[0], bias, target, reduction, false, false);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t reduction, bool need_grad_x, bool need_grad_params) {
@@ -562,140 +604,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_mse_fwd_bwd_cu
   return fwd_bwd<float>(x, weight, bias, target, reduction, need_grad_x, need_grad_params);
 }
 
-// The optimizer state of a train step (its order: csrc/cpu/linear_mse_fit.h) and the params it
-// updates in place, checked before anything runs. Adam's step counts are float32 on the device,
-// where the kernels read and increment them.
-void check_train_step_params(const char* op, const std::vector<at::Tensor>& params,
-                             at::TensorList state, const cpu::FitOptimizer& o) {
-  const size_t n = params.size();
-  const size_t expected = o.adam ? (o.amsgrad ? 4 : 3) * n : (o.momentum != 0.0 ? n : 0);
-  TORCH_CHECK_VALUE(state.size() == expected, op, ": state has ", state.size(),
-                    " tensors, expected ", expected);
-  constexpr const char* kNames[] = {"weight", "bias"};
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(params[i].is_contiguous(), op, ": ", kNames[i],
-                      " must be contiguous: it is updated in place");
-    if (o.adam) {
-      check_like_param(op, "exp_avgs", state.slice(0, n), i, params[i]);
-      check_like_param(op, "exp_avg_sqs", state.slice(n, n), i, params[i]);
-      if (o.amsgrad) check_like_param(op, "max_exp_avg_sqs", state.slice(2 * n, n), i, params[i]);
-      const at::Tensor& step = state[(o.amsgrad ? 3 : 2) * n + i];
-      check_scalar_tensor(op, "steps", step, params[i].device(), static_cast<int64_t>(i));
-      TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat, op, ": steps[", i,
-                       "] must be float32 on CUDA, got ", step.scalar_type());
-    } else if (o.momentum != 0.0) {
-      check_like_param(op, "momentum_buffers", state, i, params[i]);
-    }
+bool linear_mse_fused_step_available(int64_t out) { return out <= kMaxFusedOut && fused_path_available(); }
+
+at::Tensor linear_mse_fused_adam_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                                      int64_t reduction, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                      at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                                      const AdamHyper& hyper) {
+  const LinearMseCall c = prepare_train_step(x, target, params, reduction);
+  if (x.scalar_type() == at::kDouble) {
+    return fused_adam_step<double>(c, reduction, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
   }
-  for (const at::Tensor& s : state) {
-    TORCH_CHECK_VALUE(s.is_contiguous(), op, ": optimizer state must be contiguous");
-  }
+  return fused_adam_step<float>(c, reduction, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
 }
 
-// Small out: forward, backward, gradient reduction and update in one launch of the fused kernel.
-template <typename T>
-at::Tensor fused_train_step(const LinearMseCall& c, int64_t reduction,
-                            const std::vector<at::Tensor>& params, at::TensorList state,
-                            const cpu::FitOptimizer& o) {
-  const cudaStream_t stream = native(current_stream(c.x.device()));
-  at::Tensor loss = at::empty({}, c.x.options());
-  const size_t n = params.size();
-  const TrainedParams<T> trained{
-      {params[0].data_ptr<T>(), n > 1 ? params[1].data_ptr<T>() : nullptr},
-      c.out * c.in,
-      loss.data_ptr<T>(),
-      reduction == at::Reduction::Mean ? static_cast<double>(c.count) : 1.0};
-  // Param i's tensor in the state's group `group` of n; null for a bias that is absent.
-  const auto state_of = [&](size_t group, size_t i) -> T* {
-    return i < n ? state[group * n + i].data_ptr<T>() : nullptr;
-  };
-  const auto launch = [&](const auto& update) { launch_fused<T>(c, true, nullptr, update, stream); };
-  if (o.adam) {
-    const AdamHyper h{o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.decoupled, o.maximize};
-    const size_t steps = o.amsgrad ? 3 : 2;
-    const auto step_of = [&](size_t i) -> float* {
-      return i < n ? state[steps * n + i].data_ptr<float>() : nullptr;
-    };
-    with_flag(o.amsgrad, [&](auto amsgrad) {
-      constexpr bool kAmsgrad = decltype(amsgrad)::value;
-      with_flag(o.weight_decay != 0.0 && !o.decoupled, [&](auto coupled) {
-        launch(AdamUpdate<T, kAmsgrad, decltype(coupled)::value>{
-            trained,
-            {state_of(0, 0), state_of(0, 1)},
-            {state_of(1, 0), state_of(1, 1)},
-            {kAmsgrad ? state_of(2, 0) : nullptr, kAmsgrad ? state_of(2, 1) : nullptr},
-            {step_of(0), step_of(1)},
-            h});
-      });
-    });
-  } else {
-    const math::SgdCoeffs<T> coeffs =
-        math::make_sgd_coeffs<T>(o.lr, o.momentum, o.dampening, o.weight_decay, o.maximize);
-    with_flag(o.weight_decay != 0.0, [&](auto decay) {
-      constexpr bool kDecay = decltype(decay)::value;
-      if (o.momentum == 0.0) {
-        launch(SgdUpdate<T, kDecay, false, false, false>{trained, {nullptr, nullptr}, coeffs});
-        return;
-      }
-      with_flag(o.first_step, [&](auto first) {
-        with_flag(o.nesterov, [&](auto nesterov) {
-          launch(SgdUpdate<T, kDecay, true, decltype(first)::value, decltype(nesterov)::value>{
-              trained, {state_of(0, 0), state_of(0, 1)}, coeffs});
-        });
-      });
-    });
-  }
-  return loss;
+at::Tensor linear_mse_fused_sgd_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                                     int64_t reduction, at::TensorList momentum_buffers, const SgdHyper& hyper) {
+  const LinearMseCall c = prepare_train_step(x, target, params, reduction);
+  if (x.scalar_type() == at::kDouble) return fused_sgd_step<double>(c, reduction, params, momentum_buffers, hyper);
+  return fused_sgd_step<float>(c, reduction, params, momentum_buffers, hyper);
 }
-
-// The train step, no host synchronisation: for small out one launch (fused_train_step); for
-// large out (or without cooperative launches) the GEMM forward/backward, then the optimizer
-// kernels on weight and bias. `state` is ordered as in csrc/cpu/linear_mse_fit.h.
-at::Tensor linear_mse_train_step_cuda(const at::Tensor& x, const at::Tensor& target,
-                                      const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t reduction,
-                                      at::TensorList state, bool adam, double lr,
-                                      double weight_decay, bool maximize, double beta1,
-                                      double beta2, double eps, bool decoupled, bool amsgrad,
-                                      double momentum, double dampening, bool nesterov,
-                                      bool first_step) {
-  constexpr const char* kOp = "linear_mse_train_step_";
-  check_linear_mse_inputs(kOp, x, weight, bias, target, reduction);
-  const std::vector<at::Tensor> params = bias.has_value() ? std::vector<at::Tensor>{weight, *bias}
-                                                          : std::vector<at::Tensor>{weight};
-  const cpu::FitOptimizer o{adam,      lr,      weight_decay, maximize, beta1,
-                            beta2,     eps,     decoupled,    amsgrad,  momentum,
-                            dampening, nesterov, first_step};
-  check_train_step_params(kOp, params, state, o);
-  const c10::DeviceGuard guard(x.device());
-  const at::NoGradGuard no_grad;
-  if (weight.size(0) <= kMaxFusedOut && fused_path_available()) {
-    const LinearMseCall c = prepare_linear_mse(x, weight, bias, target, reduction, false, false);
-    if (x.scalar_type() == at::kDouble) return fused_train_step<double>(c, reduction, params, state, o);
-    return fused_train_step<float>(c, reduction, params, state, o);
-  }
-  auto [loss, grad_weight, grad_bias, grad_x] =
-      linear_mse_fwd_bwd_cuda(x, weight, bias, target, reduction, false, true);
-  const std::vector<at::Tensor> grads = bias.has_value() ? std::vector<at::Tensor>{grad_weight, grad_bias}
-                                                         : std::vector<at::Tensor>{grad_weight};
-  const size_t n = params.size();
-  if (adam) {
-    adam_step_cuda(params, grads, state.slice(0, n), state.slice(n, n),
-                   amsgrad ? state.slice(2 * n, n) : at::TensorList{},
-                   state.slice((amsgrad ? 3 : 2) * n, n), lr, beta1, beta2, eps, weight_decay,
-                   decoupled, amsgrad, maximize, std::nullopt, std::nullopt);
-  } else {
-    sgd_step_cuda(params, grads, state, lr, momentum, dampening, weight_decay, nesterov,
-                  maximize, first_step, std::nullopt, std::nullopt);
-  }
-  return loss;
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtrain, CUDA, m) {
   m.impl("linear_mse_fwd_bwd", &linear_mse_fwd_bwd_cuda);
-  m.impl("linear_mse_train_step_", &linear_mse_train_step_cuda);
 }
 
 }  // namespace cuda
