@@ -20,7 +20,8 @@ import torch
 from fusedtrain import _extension, reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
-TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "linear_mse_train_step_")
+TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "stack_fwd_bwd", "stack_adam_step_",
+              "stack_sgd_step_")
 # Ops whose native kernels exist on the CPU only (so far): "auto" picks the reference elsewhere.
 CPU_ONLY_OPS = ("stack_fwd_bwd", "stack_adam_step_", "stack_sgd_step_")
 # Ops whose CPU kernel is also bound in _C as <name without the trailing _>_cpu (see op()).
