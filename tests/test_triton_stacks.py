@@ -191,9 +191,10 @@ def _check_fwd_bwd(device: str) -> None:
         error, from_native = _errors(got, exact), _errors(got, native)
         assert error <= bound and from_native <= bound, \
             f"{label}: relative error {error:.3g}, from the native op {from_native:.3g}, bound {bound:.3g}"
-        loss_only, no_grads = stack_fwd_bwd(x.to(device), target.to(device), _to(device, params),
-                                            *spec, False)
-        assert no_grads == [] and _relative_error(loss_only, got[0]) == 0.0, label
+        if seed % 4 == 0:  # (a few cases: the interpreter is slow)
+            loss_only, no_grads = stack_fwd_bwd(x.to(device), target.to(device),
+                                                _to(device, params), *spec, False)
+            assert no_grads == [] and _relative_error(loss_only, got[0]) == 0.0, label
         print(f"{label}: error {error:.2g} (bound {bound:.2g})")
 
 
@@ -210,14 +211,15 @@ UPDATES = {
     "sgd momentum dampening": dict(SGD, momentum=0.9, dampening=0.3),
     "sgd nesterov decay": dict(SGD, momentum=0.9, nesterov=True, weight_decay=0.01),
 }
+# (stack, the updates it takes): every update on a ReLU MLP, two more in fp64.
 STEP_CASES = [
-    Case("ReLU MLP, MSE", F32, ((3, 5, True), (5, 4, True), (4, 2, True)), (0, 1, 2),
-         (A.RELU, A.RELU, A.IDENTITY)),
-    Case("reused Tanh layer, cross entropy", F64, ((3, 4, True), (4, 4, False), (4, 3, True)),
-         (0, 1, 1, 2), (A.TANH, A.TANH, A.IDENTITY, A.IDENTITY), Loss.CROSS_ENTROPY,
-         label_smoothing=0.1),
+    (Case("ReLU MLP, MSE", F32, ((3, 5, True), (5, 4, True), (4, 2, True)), (0, 1, 2),
+          (A.RELU, A.RELU, A.IDENTITY)), list(UPDATES)),
+    (Case("reused Tanh layer, cross entropy", F64, ((3, 4, True), (4, 4, False), (4, 3, True)),
+          (0, 1, 1, 2), (A.TANH, A.TANH, A.IDENTITY, A.IDENTITY), Loss.CROSS_ENTROPY,
+          label_smoothing=0.1), ["adam amsgrad decay maximize", "sgd nesterov decay"]),
 ]
-# Closeness to the native op after three steps (they sum in different orders; Adam divides by
+# Closeness to the native op after two steps (they sum in different orders; Adam divides by
 # square roots of small second moments).
 STEP_TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5),
                   torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -234,11 +236,12 @@ def _state(name: str, params: list[torch.Tensor]) -> list:
 
 
 def _check_steps(device: str) -> None:
-    """Three steps of each update on each stack: each loss, then params and every state tensor
-    against the native op on CPU copies; one call per update with lr given as lr_tensor."""
+    """Two steps of each update on each stack (SGD's first starts the momentum buffers): each
+    loss, then params and every state tensor against the native op on CPU copies; the second
+    call with lr given as lr_tensor."""
     import fusedtrain.triton as ft
 
-    for seed, (case, name) in enumerate((c, n) for c in STEP_CASES for n in UPDATES):
+    for seed, (case, name) in enumerate((c, n) for c, names in STEP_CASES for n in names):
         x, target, want_params = _problem(case, seed)
         spec = _spec(case)
         want_state = _state(name, want_params)
@@ -248,9 +251,9 @@ def _check_steps(device: str) -> None:
                         else (ft.stack_sgd_step_, torch.ops.fusedtrain.stack_sgd_step_))
         hyper = list(UPDATES[name].values())
         label = f"{case.label} {case.dtype} {name}"
-        for step in range(3):
+        for step in range(2):
             first = [] if adam else [step == 0]
-            lr_tensor = torch.tensor(hyper[0], dtype=torch.float64) if step == 2 else None
+            lr_tensor = torch.tensor(hyper[0], dtype=torch.float64) if step == 1 else None
             got = ours(x.to(device), target.to(device), params, *spec, *state, *hyper, *first,
                        lr_tensor=lr_tensor)
             want = native(x, target, want_params, *spec, *want_state, *hyper, *first)
@@ -400,22 +403,23 @@ def _check_backend(device: str) -> None:
     backend="triton" against backend="native" on CPU copies: losses, params, optimizer state;
     for one nn.Linear under MSE and a Tanh MLP under cross entropy."""
     g = torch.Generator().manual_seed(0)
-    x, val_x = torch.randn(19, 4, generator=g), torch.randn(5, 4, generator=g)
-    problems = [
-        (lambda: torch.nn.Linear(4, 2), torch.nn.MSELoss(),
-         torch.randn(19, 2, generator=g), torch.randn(5, 2, generator=g)),
-        (lambda: torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
-         torch.nn.CrossEntropyLoss(label_smoothing=0.1),
-         torch.randint(0, 3, (19,), generator=g), torch.randint(0, 3, (5,), generator=g)),
-    ]
+    x, val_x = torch.randn(13, 4, generator=g), torch.randn(5, 4, generator=g)
     optimizers = [
         ("Adam", {"lr": 0.05}),
         ("AdamW", {"lr": 0.05, "amsgrad": True}),
         ("SGD", {"lr": 0.05}),
         ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
     ]
-    for make_model, criterion, y, val_y in problems:
-        for name, kwargs in optimizers:
+    problems = [  # (model, criterion, y, validation y, optimizers)
+        (lambda: torch.nn.Linear(4, 2), torch.nn.MSELoss(),
+         torch.randn(13, 2, generator=g), torch.randn(5, 2, generator=g), optimizers),
+        (lambda: torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
+         torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+         torch.randint(0, 3, (13,), generator=g), torch.randint(0, 3, (5,), generator=g),
+         optimizers[1::2]),
+    ]
+    for make_model, criterion, y, val_y, chosen in problems:
+        for name, kwargs in chosen:
             torch.manual_seed(1)
             native_model = make_model()
             native_opt = getattr(fusedtrain.optim, name)(native_model.parameters(), **kwargs)
@@ -452,7 +456,7 @@ def _check_no_sync(device: str) -> None:
     mode turns any synchronization into an error): the loss and the step counts stay there."""
     import fusedtrain.triton as ft
 
-    case = STEP_CASES[1]._replace(dtype=F32)
+    case = STEP_CASES[1][0]._replace(dtype=F32)
     x, target, params = _problem(case, 5)
     x, target, params = x.to(device), target.to(device), _to(device, params)
     for name in ("adam amsgrad decay maximize", "sgd nesterov decay"):

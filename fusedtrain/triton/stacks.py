@@ -515,6 +515,16 @@ def _check_lr_tensor(op: str, lr_tensor: Tensor | None, device: torch.device) ->
         _check_scalar(op, "lr_tensor", lr_tensor, (device, torch.device("cpu")))
 
 
+def _check_call(op: str, x: Tensor, target: Tensor, params: list[Tensor], has_bias,
+                layer_params, activations, activation_params, loss: int, reduction: int,
+                loss_param: float, ignore_index: int, label_smoothing: float) -> list[_Layer]:
+    """What every stack op checks before its first kernel; returns the layers."""
+    _check_spec(op, has_bias, layer_params, activations, activation_params, loss, reduction,
+                loss_param, label_smoothing)
+    return _check_tensors(op, x, target, params, has_bias, layer_params, activations, loss,
+                          ignore_index)
+
+
 # ---- The ops ---------------------------------------------------------------------------------
 
 
@@ -550,16 +560,6 @@ def _weight_grads(dz: Tensor, h_in: Tensor, layer: _Layer, grads: list[Tensor | 
             grads[index] = grad
         else:
             grads[index] += grad
-
-
-def _check_call(op: str, x: Tensor, target: Tensor, params: list[Tensor], has_bias,
-                layer_params, activations, activation_params, loss: int, reduction: int,
-                loss_param: float, ignore_index: int, label_smoothing: float) -> list[_Layer]:
-    """What every stack op checks before its first kernel; returns the layers."""
-    _check_spec(op, has_bias, layer_params, activations, activation_params, loss, reduction,
-                loss_param, label_smoothing)
-    return _check_tensors(op, x, target, params, has_bias, layer_params, activations, loss,
-                          ignore_index)
 
 
 def _run(x: Tensor, target: Tensor, params: list[Tensor], layers: list[_Layer],
