@@ -119,157 +119,321 @@ def test_fused_train_step_and_fit_on_cuda_equal_the_stock_loop(name, kwargs):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-# linear_mse_train_step_: one launch for out <= 16 (the last block applies the update), GEMMs and
-# the optimizer kernels above; both against the reference's fwd_bwd followed by its optimizer step.
-TRAIN_STEP_OPTIMIZERS = {
-    "adam": dict(adam=True, weight_decay=0.1),
-    "adam-amsgrad": dict(adam=True, amsgrad=True),
-    "adamw": dict(adam=True, weight_decay=0.1, decoupled=True),
-    "adamw-amsgrad-maximize": dict(adam=True, weight_decay=0.1, decoupled=True, amsgrad=True, maximize=True),
-    "sgd": dict(weight_decay=0.05),
-    "sgd-momentum-first": dict(momentum=0.9, dampening=0.1, first_step=True),
-    "sgd-nesterov-first": dict(momentum=0.9, nesterov=True, weight_decay=0.05, first_step=True),
-    "sgd-nesterov-resumed-maximize": dict(momentum=0.9, nesterov=True, maximize=True),
+# ---- The layer-stack ops on CUDA (csrc/cuda/stack_cuda.cu) ------------------------------------
+# Each path against the reference ops on the CPU, same inputs: depth 1 under MSE runs the linear +
+# MSE kernels (one cooperative launch for out <= 16, GEMMs above), narrow stacks the one-launch
+# narrow kernel, everything else the GEMM path; all of them end in the same optimizer update.
+
+ACTIVATION_MODULES = {
+    "identity": torch.nn.Identity, "relu": torch.nn.ReLU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.2),
+    "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "gelu": torch.nn.GELU,
+    "gelu_tanh": lambda: torch.nn.GELU("tanh"), "silu": torch.nn.SiLU,
+}
+CRITERIA = {
+    "mse": torch.nn.MSELoss, "mse_sum": lambda: torch.nn.MSELoss(reduction="sum"), "l1": torch.nn.L1Loss,
+    "smooth_l1": lambda: torch.nn.SmoothL1Loss(beta=0.3),
+    "huber": lambda: torch.nn.HuberLoss(delta=0.4),
+    "huber_sum": lambda: torch.nn.HuberLoss(reduction="sum", delta=0.4),
+    "cross_entropy": lambda: torch.nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1),
+    "cross_entropy_sum": lambda: torch.nn.CrossEntropyLoss(reduction="sum"),
+    "bce_with_logits": torch.nn.BCEWithLogitsLoss,
+}
+# name -> (the op's optimizer, its hyperparameters after the state lists)
+STACK_OPTIMIZERS = {
+    "sgd": ("sgd", dict(lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                        first_step=False)),
+    "sgd-decay-maximize": ("sgd", dict(lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.05, nesterov=False,
+                                       maximize=True, first_step=False)),
+    "sgd-momentum-first": ("sgd", dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.0, nesterov=False,
+                                       maximize=False, first_step=True)),
+    "sgd-nesterov-decay-first": ("sgd", dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.05,
+                                             nesterov=True, maximize=False, first_step=True)),
+    "sgd-nesterov-resumed-maximize": ("sgd", dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                                                  nesterov=True, maximize=True, first_step=False)),
+    "adam": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=False,
+                          amsgrad=False, maximize=False)),
+    "adam-amsgrad": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=False,
+                                  amsgrad=True, maximize=False)),
+    "adamw": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True,
+                           amsgrad=False, maximize=False)),
+    "adamw-amsgrad-maximize": ("adam", dict(lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1,
+                                            decoupled=True, amsgrad=True, maximize=True)),
+}
+# name -> (widths, activation after every layer but the last, criterion): one of each kernel path.
+STACK_PATHS = {
+    "linear-out1": ([33, 1], "identity", "mse"),          # one cooperative launch, rows split
+    "linear-out16": ([3000, 16], "identity", "mse"),  # one cooperative launch, columns split too
+    "linear-out40": ([33, 40], "identity", "mse"),        # the linear GEMMs, then the optimizer kernels
+    "narrow-tutorial": ([10, 64, 32, 1], "relu", "mse"),  # the tutorial MLP: the one-launch narrow kernel
+    "narrow-classes": ([20, 64, 5], "gelu", "cross_entropy"),
+    "wide-huber": ([50, 300, 130, 3], "silu", "huber"),  # GEMMs and fused elementwise kernels
+    "wide-bce": ([200, 257, 4], "tanh", "bce_with_logits"),
 }
 
 
-def train_step_hyper(**overrides):
-    hyper = dict(adam=False, lr=0.01, weight_decay=0.0, maximize=False, beta1=0.9, beta2=0.99, eps=1e-8,
-                 decoupled=False, amsgrad=False, momentum=0.0, dampening=0.0, nesterov=False, first_step=False)
-    return {**hyper, **overrides}
+def stack_problem(widths, activation, criterion, n, dtype, seed, bias=True, top_activation=False):
+    """x, target, params (on the CPU) and spec of Linear(widths[0], widths[1]), activation, ...,
+    Linear(widths[-2], widths[-1]) (then the activation once more with top_activation) under
+    `criterion`, described by fusedtrain.stacks as FusedTrainStep does."""
+    from fusedtrain import stacks
+
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(torch.nn.Linear(widths[i], widths[i + 1], bias=bias))
+        if i < len(widths) - 2 or top_activation:
+            layers.append(ACTIVATION_MODULES[activation]())
+    stack = stacks.describe(torch.nn.Sequential(*layers).to(dtype), CRITERIA[criterion]())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, widths[0], generator=g, dtype=dtype)
+    if criterion.startswith("cross_entropy"):
+        y = torch.randint(0, widths[-1], (n,), generator=g)
+    elif criterion == "bce_with_logits":
+        y = torch.rand(n, widths[-1], generator=g, dtype=dtype)
+    else:
+        y = torch.randn(n, widths[-1], generator=g, dtype=dtype)
+    return x, stacks.prepare_target(stack, x, y, "test"), [p.detach().clone() for p in stack.params()], stack.spec
 
 
-def train_step_state(params, hyper, g):
-    """The op's state list (order: csrc/cpu/linear_mse_fit.h) with random contents; a first SGD
-    step must overwrite its momentum buffers whatever they hold."""
+def stack_state(optimizer, params, seed):
+    """The optimizer's state lists for params, with random contents (a first SGD step must
+    overwrite its momentum buffers whatever they hold); Adam's step counts float32, as on CUDA."""
+    kind, hyper = STACK_OPTIMIZERS[optimizer]
+    g = torch.Generator().manual_seed(seed)
+
     def like_params(scale):
         return [torch.randn(p.shape, generator=g, dtype=p.dtype) * scale for p in params]
 
-    if hyper["adam"]:
+    if kind == "adam":
         exp_avg_sqs = [t.abs() for t in like_params(0.1)]
-        max_sqs = [t * 1.5 for t in exp_avg_sqs] if hyper["amsgrad"] else []
-        return like_params(0.1) + exp_avg_sqs + max_sqs + [torch.tensor(3.0) for _ in params]
-    return like_params(1.0) if hyper["momentum"] != 0 else []
+        return [like_params(0.1), exp_avg_sqs, [t * 1.5 for t in exp_avg_sqs] if hyper["amsgrad"] else [],
+                [torch.tensor(3.0) for _ in params]]
+    return [like_params(1.0) if hyper["momentum"] else []]
 
 
-def reference_train_step(x, target, params, reduction, state, hyper):
-    """What linear_mse_train_step_ does, composed from the reference ops; returns the loss."""
-    bias = params[1] if len(params) > 1 else None
-    loss, grad_weight, grad_bias, _ = reference.linear_mse_fwd_bwd(x, params[0], bias, target, reduction, False)
-    grads = [grad_weight, grad_bias][:len(params)]
-    h, n = hyper, len(params)
-    if h["adam"]:
-        groups = [state[i:i + n] for i in range(0, len(state), n)]
-        reference.adam_step_(params, grads, groups[0], groups[1], groups[2] if h["amsgrad"] else [], groups[-1],
-                             h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["decoupled"],
-                             h["amsgrad"], h["maximize"])
-    else:
-        reference.sgd_step_(params, grads, state, h["lr"], h["momentum"], h["dampening"], h["weight_decay"],
-                            h["nesterov"], h["maximize"], h["first_step"])
-    return loss
+def stack_step(ops, optimizer, x, target, params, spec, state, **overrides):
+    """One train step by `ops` (torch.ops.fusedtrain or fusedtrain.reference); returns the loss."""
+    kind, hyper = STACK_OPTIMIZERS[optimizer]
+    return getattr(ops, f"stack_{kind}_step_")(x, target, params, *spec, *state, **{**hyper, **overrides})
 
 
-def train_step_problem(dtype, n, inp, out, has_bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, inp, generator=g, dtype=dtype)
-    target = torch.randn(n, out, generator=g, dtype=dtype)
-    params = [torch.randn(out, inp, generator=g, dtype=dtype) * 0.2]
-    if has_bias:
-        params.append(torch.randn(out, generator=g, dtype=dtype))
-    return x, target, params, g
+def to_device(tensors, device="cuda"):
+    """A (nested) list of tensors on `device`, copied."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.to(device, copy=True)
+    return [to_device(t, device) for t in tensors]
+
+
+def flat(lists):
+    return [t for lst in lists for t in (lst if isinstance(lst, list) else [lst])]
+
+
+def stack_tolerance(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+
+
+def fwd_bwd_cases():
+    """Every activation and every loss (classification heads included), each at least once, on the
+    GEMM path: widths from 1 to 300, a layer without bias, an activation after the top layer."""
+    losses = list(CRITERIA)
+    for i, activation in enumerate(ACTIVATION_MODULES):
+        for j, criterion in enumerate([losses[i % len(losses)], losses[(i + 3) % len(losses)]]):
+            dtype = [torch.float32, torch.float64][(i + j) % 2]
+            widths = [[7, 300, 1, 5], [64, 17, 130], [3, 1, 200, 9, 6]][(i + j) % 3]
+            yield pytest.param(activation, criterion, widths, dtype, (i + j) % 4 == 1, j == 1 and i % 2 == 0,
+                               id=f"{activation}-{criterion}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("activation,criterion,widths,dtype,no_bias,top_activation", list(fwd_bwd_cases()))
+def test_stack_fwd_bwd_on_cuda_matches_reference(activation, criterion, widths, dtype, no_bias, top_activation):
+    x, target, params, spec = stack_problem(widths, activation, criterion, 300, dtype, seed=len(widths),
+                                            bias=not no_bias, top_activation=top_activation)
+    if criterion == "cross_entropy":
+        target[::7] = 2  # ignore_index: rows that count for nothing
+    want_loss, want_grads = reference.stack_fwd_bwd(x, target, params, *spec)
+    got_loss, got_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec)
+    tol = stack_tolerance(dtype)
+    assert got_loss.dtype == dtype and got_loss.shape == () and got_loss.is_cuda
+    torch.testing.assert_close(got_loss.cpu(), want_loss, **tol)
+    assert len(got_grads) == len(want_grads)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want, **tol)
+    loss_only, no_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec, need_grads=False)
+    assert no_grads == []
+    torch.testing.assert_close(loss_only.cpu(), want_loss, **tol)
+
+
+@pytest.mark.parametrize("path", ["linear-out1", "linear-out40", "wide-huber"])
+def test_stack_fwd_bwd_on_cuda_of_an_empty_batch_and_a_shared_layer(path):
+    """An empty batch: a NaN mean and zero gradients, as torch. An nn.Linear applied twice: its
+    gradient adds up both uses."""
+    from fusedtrain import stacks
+
+    widths, activation, criterion = STACK_PATHS[path]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 0, torch.float64, seed=1)
+    want_loss, want_grads = reference.stack_fwd_bwd(x, target, params, *spec)
+    got_loss, got_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec)
+    torch.testing.assert_close(got_loss.cpu(), want_loss, equal_nan=True)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want)
+    # Linear(w, w) -> tanh -> the same Linear -> Linear(w, 2), under L1.
+    w = widths[0]
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(shape, generator=g, dtype=torch.float64) * 0.3 for shape in [(w, w), (w,), (2, w), (2,)]]
+    spec = stacks.StackSpec([True, True, True], [0, 0, 2], [reference.Activation.TANH, 0, 0], [0.0] * 3,
+                            reference.Loss.L1, reference.MEAN, 0.0, -100, 0.0)
+    x = torch.randn(70, w, generator=g, dtype=torch.float64)
+    target = torch.randn(70, 2, generator=g, dtype=torch.float64)
+    want_loss, want_grads = reference.stack_fwd_bwd(x, target, params, *spec)
+    got_loss, got_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec)
+    torch.testing.assert_close(got_loss.cpu(), want_loss)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want)
 
 
 def train_step_cases():
-    """Every optimizer at out 1 and 16 (one fused launch; 33 columns: rows split over the blocks,
-    3000: columns too) and 40 (GEMMs), each dtype and with and without bias at each out."""
-    shapes = [(1, 33), (16, 3000), (40, 33)]
-    for i, optimizer in enumerate(TRAIN_STEP_OPTIMIZERS):
-        for j, (out, inp) in enumerate(shapes):
+    """Every optimizer setting on three kernel paths, every path under several optimizers, fp32 and
+    fp64 alternating."""
+    paths = list(STACK_PATHS)
+    for i, optimizer in enumerate(STACK_OPTIMIZERS):
+        for j in range(3):
+            path = paths[(3 * i + j) % len(paths)]
             dtype = [torch.float32, torch.float64][(i + j) % 2]
-            has_bias = (i // 2 + j) % 2 == 0
-            yield pytest.param(optimizer, out, inp, dtype, has_bias,
-                               id=f"{optimizer}-out{out}-in{inp}-{str(dtype)[6:]}-{'bias' if has_bias else 'no bias'}")
+            yield pytest.param(optimizer, path, dtype, id=f"{optimizer}-{path}-{str(dtype)[6:]}")
 
 
-@pytest.mark.parametrize("optimizer,out,inp,dtype,has_bias", list(train_step_cases()))
-def test_linear_mse_train_step_matches_reference(optimizer, out, inp, dtype, has_bias):
-    hyper = train_step_hyper(**TRAIN_STEP_OPTIMIZERS[optimizer])
-    x, target, params, g = train_step_problem(dtype, 9000, inp, out, has_bias, seed=out * 2 + has_bias)
-    state = train_step_state(params, hyper, g)
-    gpu_params, gpu_state = [p.cuda() for p in params], [s.cuda() for s in state]
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    # Consecutive steps on batches whose grids differ (every block looping over rows, 2, 1, 16):
-    # nothing may carry over from one launch to the next.
-    batches = [(slice(0, 9000), reference.MEAN), (slice(100, 137), reference.SUM),
-               (slice(5, 6), reference.MEAN), (slice(0, 500), reference.MEAN)]
+@pytest.mark.parametrize("optimizer,path,dtype", list(train_step_cases()))
+def test_stack_train_step_on_cuda_matches_reference(optimizer, path, dtype):
+    """Consecutive steps on batches of other sizes and reductions (a grid that differs from one
+    launch to the next: nothing may carry over) against the reference ops on the same state."""
+    widths, activation, criterion = STACK_PATHS[path]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 3000, dtype, seed=len(optimizer))
+    state = stack_state(optimizer, params, seed=5)
+    gpu_params, gpu_state = to_device(params), to_device(state)
+    first_step = STACK_OPTIMIZERS[optimizer][1].get("first_step", False)
+    tol = stack_tolerance(dtype)
+    batches = [(slice(0, 3000), spec.reduction), (slice(100, 137), reference.SUM), (slice(5, 6), reference.MEAN),
+               (slice(0, 500), spec.reduction)]
     for step, (rows, reduction) in enumerate(batches):
-        step_hyper = {**hyper, "first_step": hyper["first_step"] and step == 0}
-        want = reference_train_step(x[rows], target[rows], params, reduction, state, step_hyper)
-        got = torch.ops.fusedtrain.linear_mse_train_step_(
-            x[rows].cuda(), target[rows].cuda(), gpu_params[0], gpu_params[1] if has_bias else None,
-            reduction, gpu_state, **step_hyper)
-        assert got.dtype == dtype and got.shape == ()
-        torch.testing.assert_close(got.cpu(), want, **tol)
-        for expected, actual in zip(params + state, gpu_params + gpu_state):
+        step_spec = spec._replace(reduction=reduction)
+        overrides = {"first_step": first_step and step == 0} if "first_step" in STACK_OPTIMIZERS[optimizer][1] else {}
+        want = stack_step(reference, optimizer, x[rows], target[rows], params, step_spec, state, **overrides)
+        got = stack_step(torch.ops.fusedtrain, optimizer, x[rows].cuda(), target[rows].cuda(), gpu_params, step_spec,
+                         gpu_state, **overrides)
+        assert got.dtype == dtype and got.shape == () and got.is_cuda
+        torch.testing.assert_close(got.cpu(), want, equal_nan=True, **tol)  # one ignored row: 0 / 0
+        for expected, actual in zip(params + flat(state), gpu_params + flat(gpu_state)):
             torch.testing.assert_close(actual.cpu(), expected, **tol)
 
 
-def test_linear_mse_train_step_alternating_streams_matches_reference():
-    hyper = train_step_hyper(adam=True, amsgrad=True)
-    x, target, params, g = train_step_problem(torch.float32, 3000, 20, 3, True, seed=7)
-    state = train_step_state(params, hyper, g)
-    gpu_params, gpu_state = [p.cuda() for p in params], [s.cuda() for s in state]
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    for step, rows in enumerate([slice(0, 3000), slice(0, 40), slice(7, 2000), slice(1, 2)]):
-        want = reference_train_step(x[rows], target[rows], params, reference.MEAN, state, hyper)
-        stream = side if step % 2 else main
-        stream.wait_stream(main if stream is side else side)
-        with torch.cuda.stream(stream):
-            got = torch.ops.fusedtrain.linear_mse_train_step_(
-                x[rows].cuda(), target[rows].cuda(), *gpu_params, reference.MEAN, gpu_state, **hyper)
-        torch.cuda.synchronize()
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
-        for expected, actual in zip(params + state, gpu_params + gpu_state):
-            torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("path", ["linear-out1", "narrow-tutorial", "wide-bce"])
+@pytest.mark.parametrize("optimizer", ["adamw-amsgrad-maximize", "sgd-nesterov-resumed-maximize"])
+def test_stack_train_step_on_cuda_with_a_tensor_lr(optimizer, path):
+    """lr_tensor replaces lr (the one-launch kernels take a float lr: a tensor one takes the paths
+    that end in the optimizer kernels, which read it on the device)."""
+    widths, activation, criterion = STACK_PATHS[path]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 200, torch.float32, seed=9)
+    state = stack_state(optimizer, params, seed=9)
+    gpu = to_device([x, target, params, state])
+    lr_tensor = torch.tensor(0.0123)
+    want = stack_step(reference, optimizer, x, target, params, spec, state, lr=lr_tensor.item())
+    got = stack_step(torch.ops.fusedtrain, optimizer, *gpu[:3], spec, gpu[3], lr=123.0, lr_tensor=lr_tensor.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    for expected, actual in zip(params + flat(state), gpu[2] + flat(gpu[3])):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("adam", [True, False])
-def test_small_out_train_step_is_one_kernel_launch(adam):
-    hyper = train_step_hyper(adam=adam, momentum=0.0 if adam else 0.9)
-    x, target, params, g = train_step_problem(torch.float32, 5000, 64, 8, True, seed=3)
-    state = [s.cuda() for s in train_step_state(params, hyper, g)]
-    x, target, params = x.cuda(), target.cuda(), [p.cuda() for p in params]
-    op = torch.ops.fusedtrain.linear_mse_train_step_
-    op(x, target, *params, reference.MEAN, state, **hyper)  # a first call sizes the grid
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum-first"])
+def test_small_out_linear_train_step_is_one_kernel_launch(optimizer):
+    widths, activation, criterion = [64, 8], "identity", "mse"
+    x, target, params, spec = stack_problem(widths, activation, criterion, 5000, torch.float32, seed=3)
+    x, target, params, state = to_device([x, target, params, stack_state(optimizer, params, seed=3)])
+    stack_step(torch.ops.fusedtrain, optimizer, x, target, params, spec, state)  # a first call sizes the grid
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        op(x, target, *params, reference.MEAN, state, **hyper)
+        stack_step(torch.ops.fusedtrain, optimizer, x, target, params, spec, state)
         torch.cuda.synchronize()
     on_device = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(on_device) == 1 and "fused_linear_mse" in on_device[0], on_device
 
 
-def test_train_step_on_cuda_rejects_bad_arguments_before_changing_anything():
-    weight, bias = torch.randn(4, 8, device="cuda"), torch.randn(4, device="cuda")
-    x, target = torch.randn(64, 8, device="cuda"), torch.randn(64, 4, device="cuda")
-    state = [torch.zeros_like(weight), torch.zeros_like(bias), torch.ones_like(weight), torch.ones_like(bias),
-             torch.tensor(0.0), torch.tensor(0.0, device="cuda")]
-    hyper = train_step_hyper(adam=True)
-    before = [t.clone() for t in [weight, bias] + state]
-    op = torch.ops.fusedtrain.linear_mse_train_step_
-    with pytest.raises(ValueError, match=r"steps\[0\] is on cpu"):
-        op(x, target, weight, bias, reference.MEAN, state, **hyper)
-    state[4] = torch.tensor(0.0, device="cuda", dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"steps\[0\] must be float32"):
-        op(x, target, weight, bias, reference.MEAN, state, **hyper)
-    state[4] = torch.tensor(0.0, device="cuda")
-    with pytest.raises(ValueError, match="weight must be contiguous"):
-        op(x, target, torch.randn(8, 4, device="cuda").t(), bias, reference.MEAN, state, **hyper)
-    with pytest.raises(ValueError, match="state has 5 tensors, expected 6"):
-        op(x, target, weight, bias, reference.MEAN, state[:5], **hyper)
+@pytest.mark.parametrize("path", list(STACK_PATHS))
+def test_stack_train_step_on_cuda_never_synchronizes(path):
+    widths, activation, criterion = STACK_PATHS[path]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 100, torch.float32, seed=4)
+    for optimizer in ("adam-amsgrad", "sgd-nesterov-resumed-maximize"):
+        gpu = to_device([x, target, params, stack_state(optimizer, params, seed=4)])
+        stack_step(torch.ops.fusedtrain, optimizer, *gpu[:3], spec, gpu[3])  # warm-up: cuBLAS, the grid size
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stack_step(torch.ops.fusedtrain, optimizer, *gpu[:3], spec, gpu[3])
+            torch.ops.fusedtrain.stack_fwd_bwd(*gpu[:3], *spec)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_stack_train_step_on_cuda_rejects_bad_arguments_before_changing_anything():
+    widths, activation, criterion = STACK_PATHS["narrow-tutorial"]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 64, torch.float32, seed=6)
+    x, target, params, (exp_avgs, exp_avg_sqs, _, steps) = to_device([x, target, params,
+                                                                      stack_state("adam", params, seed=6)])
+    steps[0] = torch.tensor(0.0)
+    _, hyper = STACK_OPTIMIZERS["adam"]
+    buffers = [torch.zeros_like(p) for p in params]
+    before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps[1:] + buffers]
+    op = torch.ops.fusedtrain.stack_adam_step_
+    with pytest.raises(ValueError, match=r"stack_adam_step_: steps\[0\] is on cpu"):
+        op(x, target, params, *spec, exp_avgs, exp_avg_sqs, [], steps, **hyper)
+    steps[0] = torch.tensor(0.0, device="cuda", dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"steps\[0\] must be float32 on CUDA"):
+        op(x, target, params, *spec, exp_avgs, exp_avg_sqs, [], steps, **hyper)
+    steps[0] = torch.tensor(0.0, device="cuda")
+    with pytest.raises(ValueError, match="exp_avgs has 5 tensors, expected 6"):
+        op(x, target, params, *spec, exp_avgs[:5], exp_avg_sqs, [], steps, **hyper)
+    with pytest.raises(ValueError, match="max_exp_avg_sqs has 0 tensors, expected 6"):
+        op(x, target, params, *spec, exp_avgs, exp_avg_sqs, [], steps, **{**hyper, "amsgrad": True})
+    with pytest.raises(ValueError, match=r"params\[0\] \(layer 0's weight\) is on cuda:0 but x is on cpu"):
+        op(x.cpu(), target, params, *spec, exp_avgs, exp_avg_sqs, [], steps, **hyper)
+    with pytest.raises(ValueError, match="lr_tensor is on cpu"):
+        op(x, target, params, *spec, exp_avgs, exp_avg_sqs, [], steps, **hyper, lr_tensor=torch.tensor(0.1))
+    sgd = torch.ops.fusedtrain.stack_sgd_step_
+    _, sgd_hyper = STACK_OPTIMIZERS["sgd-momentum-first"]
+    with pytest.raises(ValueError, match="stack_sgd_step_: momentum_buffers has 5 tensors, expected 6"):
+        sgd(x, target, params, *spec, buffers[:5], **sgd_hyper)
+    with pytest.raises(ValueError, match="optimizer state must be contiguous"):
+        sgd(x, target, params, *spec, buffers[:2] + [torch.zeros(64, 32, device="cuda").t()] + buffers[3:],
+            **sgd_hyper)
     torch.cuda.synchronize()
-    for b, a in zip(before, [weight, bias] + state):
+    for b, a in zip(before, params + exp_avgs + exp_avg_sqs + steps[1:] + buffers):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["linear", "tutorial"])
+@pytest.mark.parametrize("name,kwargs", [("Adam", {"lr": 0.01, "amsgrad": True}),
+                                         ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True})])
+def test_fused_train_step_of_a_stack_on_cuda_equals_the_stock_loop(model, name, kwargs):
+    import copy
+
+    from helpers import SimpleModel
+
+    torch.manual_seed(0)
+    stock = (torch.nn.Linear(10, 1) if model == "linear" else SimpleModel()).cuda()
+    fused = copy.deepcopy(stock)
+    stock_opt = getattr(torch.optim, name)(stock.parameters(), **kwargs)
+    # backend="native": the CUDA stack kernels, not the reference that "auto" falls back to.
+    step = fusedtrain.FusedTrainStep(fused, getattr(fusedtrain.optim, name)(fused.parameters(), **kwargs),
+                                     backend="native")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(32, 10, generator=g).cuda(), torch.randn(32, 1, generator=g).cuda()
+        stock_opt.zero_grad()
+        want = torch.nn.functional.mse_loss(stock(x), y)
+        want.backward()
+        stock_opt.step()
+        torch.testing.assert_close(step(x, y), want.detach(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(stock.parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 # The launcher's sizes (csrc/cuda/multi_tensor_apply.cuh): elements per chunk, chunks per launch.
@@ -605,70 +769,89 @@ def test_grad_scaler_with_fused_optimizers_matches_torch_fused(name, kwargs, dty
                 torch.testing.assert_close(ours.state[p][key], value, **tol)
 
 
-# ---- The train step under CUDA graphs, its memory at large `in` -------------------------------
+# ---- The stack train step under CUDA graphs, its memory at large `in` -------------------------
 
-def cuda_train_step_problem(out, has_bias, hyper, seed, n=300, inp=40):
-    """x, target, params and state on the GPU (random state, as train_step_state makes it)."""
-    x, target, params, g = train_step_problem(torch.float32, n, inp, out, has_bias, seed=seed)
-    state = train_step_state(params, hyper, g)
-    return x.cuda(), target.cuda(), [p.cuda() for p in params], [s.cuda() for s in state]
-
-
-@pytest.mark.parametrize("out", [4, 40])
+@pytest.mark.parametrize("path", ["linear-out1", "linear-out40", "narrow-tutorial", "wide-huber"])
 @pytest.mark.parametrize("optimizer", ["adamw-amsgrad-maximize", "sgd-nesterov-resumed-maximize"])
-def test_captured_train_step_replays_like_eager_steps(out, optimizer):
-    """linear_mse_train_step_ captured once (after a warm-up), replayed on new batches copied into
-    the static inputs, against the same op run eagerly on twins of the params and state: one
-    fused cooperative launch for out 4 (bit for bit: its sums run in a fixed order), GEMMs and
-    the optimizer kernels for out 40 (its loss is summed with atomics, in no fixed order)."""
-    hyper = train_step_hyper(**TRAIN_STEP_OPTIMIZERS[optimizer])
-    x, target, params, state = cuda_train_step_problem(out, True, hyper, seed=out)
-    twin_params, twin_state = [p.clone() for p in params], [s.clone() for s in state]
-    g = torch.Generator(device="cuda").manual_seed(3)
-    batches = [(torch.randn(x.shape, generator=g, device="cuda"), torch.randn(target.shape, generator=g, device="cuda"))
-               for _ in range(5)]
-    op = torch.ops.fusedtrain.linear_mse_train_step_
+def test_captured_stack_train_step_replays_like_eager_steps(optimizer, path):
+    """A train step captured once (after a warm-up), replayed on new batches copied into the static
+    inputs and a new tensor lr, against the same op run eagerly on twins of the params and state.
+    The one-launch linear kernel sums in a fixed order: bit for bit there."""
+    widths, activation, criterion = STACK_PATHS[path]
+    x, target, params, spec = stack_problem(widths, activation, criterion, 300, torch.float32, seed=11)
+    state = stack_state(optimizer, params, seed=11)
+    x, target, params, state = to_device([x, target, params, state])
+    twin_params, twin_state = to_device([params, state])
+    batches = [to_device(stack_problem(widths, activation, criterion, 300, torch.float32, seed=20 + k)[:2])
+               for k in range(4)]
+    lrs = [0.02, 0.005, 0.03, 0.001]
+    op = torch.ops.fusedtrain
     static_x, static_target = x.clone(), target.clone()
-    tol = dict(rtol=0, atol=0) if out <= 16 else dict(rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=0, atol=0) if path == "linear-out1" else dict(rtol=1e-5, atol=1e-6)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (cuBLAS handles, the grid's occupancy query)
-        op(static_x, static_target, *params, reference.MEAN, state, **hyper)
+        stack_step(op, optimizer, static_x, static_target, params, spec, state)
     torch.cuda.current_stream().wait_stream(side)
-    op(static_x, static_target, *twin_params, reference.MEAN, twin_state, **hyper)
+    stack_step(op, optimizer, static_x, static_target, twin_params, spec, twin_state)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = op(static_x, static_target, *params, reference.MEAN, state, **hyper)
-    for bx, by in batches:
+        static_loss = stack_step(op, optimizer, static_x, static_target, params, spec, state)
+    for (bx, by), lr in zip(batches, lrs):
         static_x.copy_(bx)
         static_target.copy_(by)
         graph.replay()
-        want = op(bx, by, *twin_params, reference.MEAN, twin_state, **hyper)
+        want = stack_step(op, optimizer, bx, by, twin_params, spec, twin_state)
         torch.testing.assert_close(static_loss, want, **tol)
     torch.cuda.synchronize()
-    for got, want in zip(params + state, twin_params + twin_state):
+    for got, want in zip(params + flat(state), twin_params + flat(twin_state)):
         torch.testing.assert_close(got, want, **tol)
+
+    # A tensor lr: the captured step follows what is written into it between replays.
+    lr = torch.tensor(lrs[0], device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up of the path a tensor lr takes
+        stack_step(op, optimizer, static_x, static_target, params, spec, state, lr_tensor=lr)
+    torch.cuda.current_stream().wait_stream(side)
+    stack_step(op, optimizer, static_x, static_target, twin_params, spec, twin_state, lr=lr.item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = stack_step(op, optimizer, static_x, static_target, params, spec, state, lr_tensor=lr)
+    for (bx, by), value in zip(batches, lrs):
+        static_x.copy_(bx)
+        static_target.copy_(by)
+        lr.fill_(value)
+        graph.replay()
+        want = stack_step(op, optimizer, bx, by, twin_params, spec, twin_state, lr=lr.item())
+        torch.testing.assert_close(static_loss, want, rtol=1e-5, atol=1e-6)
+    torch.cuda.synchronize()
+    for got, want in zip(params + flat(state), twin_params + flat(twin_state)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_two_captured_train_steps_replay_back_to_back_and_at_once():
-    """Two train steps (two models) captured on the same stream, then replayed one after the other
-    and at the same time on two streams: each equals the same steps run eagerly. Nothing is
-    shared between launches (no counter per stream), so concurrent replays cannot interfere."""
-    hyper = train_step_hyper(adam=True, amsgrad=True, weight_decay=0.1)
-    problems = [cuda_train_step_problem(3, True, hyper, seed=40 + k, n=2000, inp=300) for k in range(2)]
-    twins = [([p.clone() for p in params], [s.clone() for s in state]) for _, _, params, state in problems]
-    op = torch.ops.fusedtrain.linear_mse_train_step_
+    """Two one-launch linear train steps (two models) captured on the same stream, then replayed one
+    after the other and at the same time on two streams: each equals the same steps run eagerly.
+    Nothing is shared between launches (no counter per stream), so concurrent replays cannot
+    interfere."""
+    optimizer = "adam-amsgrad"
+    problems = []
+    for k in range(2):
+        x, target, params, spec = stack_problem([300, 3], "identity", "mse", 2000, torch.float32, seed=40 + k)
+        problems.append(to_device([x, target, params, stack_state(optimizer, params, seed=k)]))
+    twins = [to_device([params, state]) for _, _, params, state in problems]
+    op = torch.ops.fusedtrain
     capture_stream = torch.cuda.Stream()
     capture_stream.wait_stream(torch.cuda.current_stream())
     graphs, losses = [], []
     for x, target, params, state in problems:
         with torch.cuda.stream(capture_stream):
-            op(x, target, *params, reference.MEAN, state, **hyper)  # warm-up
+            stack_step(op, optimizer, x, target, params, spec, state)  # warm-up
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=capture_stream):
-            losses.append(op(x, target, *params, reference.MEAN, state, **hyper))
+            losses.append(stack_step(op, optimizer, x, target, params, spec, state))
         graphs.append(graph)
     torch.cuda.current_stream().wait_stream(capture_stream)
 
@@ -676,7 +859,7 @@ def test_two_captured_train_steps_replay_back_to_back_and_at_once():
         wants = []
         for (x, target, _, _), (params, state) in zip(problems, twins):
             for _ in range(count):
-                wants.append(op(x, target, *params, reference.MEAN, state, **hyper))
+                wants.append(stack_step(op, optimizer, x, target, params, spec, state))
         return wants
 
     eager_steps(1)  # the warm-up steps
@@ -697,30 +880,34 @@ def test_two_captured_train_steps_replay_back_to_back_and_at_once():
     torch.cuda.synchronize()
     torch.testing.assert_close(losses, [wants[3], wants[7]], rtol=0, atol=0)
     for (_, _, params, state), (twin_params, twin_state) in zip(problems, twins):
-        for got, want in zip(params + state, twin_params + twin_state):
+        for got, want in zip(params + flat(state), twin_params + flat(twin_state)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_narrow_train_step_at_large_in_stays_bounded_in_memory():
+def test_narrow_linear_train_step_at_large_in_stays_bounded_in_memory():
     """in = 2e6, out = 16, 256 rows: the fused kernel splits the columns over its blocks, so its
     scratch is one weight-sized partial gradient and small partial predictions (a partial
     gradient per block would take a weight per block, 128 MB each). One SGD step against the
     reference in fp64 on the GPU."""
+    from fusedtrain import stacks
+
     n, inp, out = 256, 2_000_000, 16
     gen = torch.Generator(device="cuda").manual_seed(8)
     x = torch.randn(n, inp, generator=gen, device="cuda")
     target = torch.randn(n, out, generator=gen, device="cuda")
     weight = torch.randn(out, inp, generator=gen, device="cuda") * 1e-3
     bias = torch.randn(out, generator=gen, device="cuda")
-    hyper = train_step_hyper(momentum=0.9, first_step=True)
+    spec = stacks.StackSpec([True], [0], [reference.Activation.IDENTITY], [0.0], reference.Loss.MSE, reference.MEAN,
+                            0.0, -100, 0.0)
+    optimizer = "sgd-momentum-first"
     buffers = [torch.empty_like(weight), torch.empty_like(bias)]
     want_params = [weight.double(), bias.double()]
     want_buffers = [torch.empty_like(p) for p in want_params]
-    want_loss = reference_train_step(x.double(), target.double(), want_params, reference.MEAN, want_buffers, hyper)
+    want_loss = stack_step(reference, optimizer, x.double(), target.double(), want_params, spec, [want_buffers])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss = torch.ops.fusedtrain.linear_mse_train_step_(x, target, weight, bias, reference.MEAN, buffers, **hyper)
+    loss = stack_step(torch.ops.fusedtrain, optimizer, x, target, [weight, bias], spec, [buffers])
     torch.cuda.synchronize()
     growth = torch.cuda.max_memory_allocated() - before
     weight_bytes = weight.numel() * weight.element_size()
@@ -739,26 +926,30 @@ def test_ops_and_optimizers_on_the_second_gpu_while_the_first_is_current():
     import fusedtrain.triton
 
     torch.cuda.set_device(0)
-    hyper = train_step_hyper(adam=True, amsgrad=True)
-    x, target, params, state = cuda_train_step_problem(3, True, hyper, seed=50)
+    optimizer = "adam-amsgrad"
+    x, target, params, spec = stack_problem([40, 3], "identity", "mse", 300, torch.float32, seed=50)
+    state = stack_state(optimizer, params, seed=50)
+    triton_hyper = dict(adam=True, lr=0.01, weight_decay=0.0, maximize=False, beta1=0.9, beta2=0.99, eps=1e-8,
+                        decoupled=False, amsgrad=True, momentum=0.0, dampening=0.0, nesterov=False, first_step=False)
     calls = {
-        "cuda linear_mse_train_step_": lambda xs, ts, ps, ss: torch.ops.fusedtrain.linear_mse_train_step_(
-            xs, ts, *ps, reference.MEAN, ss, **hyper),
+        "cuda stack_adam_step_ (one launch)": lambda xs, ts, ps, ss: stack_step(
+            torch.ops.fusedtrain, optimizer, xs, ts, ps, spec, ss),
+        "cuda stack_adam_step_ (GEMM path)": lambda xs, ts, ps, ss: stack_step(
+            torch.ops.fusedtrain, optimizer, xs, ts, ps, spec._replace(loss=reference.Loss.L1), ss),
         "cuda linear_mse_fwd_bwd": lambda xs, ts, ps, ss: torch.ops.fusedtrain.linear_mse_fwd_bwd(
             xs, *ps, ts, reference.MEAN, True),
         "triton linear_mse_train_step_": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_train_step_(
-            xs, ts, *ps, reference.MEAN, ss, *[hyper[k] for k in TRITON_TRAIN_STEP_ARGS]),
+            xs, ts, *ps, reference.MEAN, flat(ss), *[triton_hyper[k] for k in TRITON_TRAIN_STEP_ARGS]),
         "triton linear_mse_fwd_bwd": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_fwd_bwd(
             xs, *ps, ts, reference.MEAN, True),
     }
     for name, call in calls.items():
         on = {}
         for device in ("cuda:0", "cuda:1"):
-            tensors = [x.to(device, copy=True), target.to(device, copy=True),
-                       [p.to(device, copy=True) for p in params], [s.to(device, copy=True) for s in state]]
+            tensors = to_device([x, target, params, state], device)
             result = call(*tensors)
-            on[device] = [t.cpu() for t in (list(result) if isinstance(result, tuple) else [result])
-                          + tensors[2] + tensors[3]]
+            on[device] = [t.cpu() for t in flat(list(result) if isinstance(result, tuple) else [result])
+                          + tensors[2] + flat(tensors[3])]
         assert torch.cuda.current_device() == 0
         for a, b in zip(on["cuda:0"], on["cuda:1"]):
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
