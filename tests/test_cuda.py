@@ -929,17 +929,18 @@ def test_ops_and_optimizers_on_the_second_gpu_while_the_first_is_current():
     optimizer = "adam-amsgrad"
     x, target, params, spec = stack_problem([40, 3], "identity", "mse", 300, torch.float32, seed=50)
     state = stack_state(optimizer, params, seed=50)
-    triton_hyper = dict(adam=True, lr=0.01, weight_decay=0.0, maximize=False, beta1=0.9, beta2=0.99, eps=1e-8,
-                        decoupled=False, amsgrad=True, momentum=0.0, dampening=0.0, nesterov=False, first_step=False)
     calls = {
         "cuda stack_adam_step_ (one launch)": lambda xs, ts, ps, ss: stack_step(
             torch.ops.fusedtrain, optimizer, xs, ts, ps, spec, ss),
-        "cuda stack_adam_step_ (GEMM path)": lambda xs, ts, ps, ss: stack_step(
+        "cuda stack_adam_step_ (narrow)": lambda xs, ts, ps, ss: stack_step(
             torch.ops.fusedtrain, optimizer, xs, ts, ps, spec._replace(loss=reference.Loss.L1), ss),
+        "cuda stack_adam_step_ (GEMMs, tensor lr)": lambda xs, ts, ps, ss: stack_step(
+            torch.ops.fusedtrain, optimizer, xs, ts, ps, spec._replace(loss=reference.Loss.L1), ss,
+            lr_tensor=torch.tensor(0.01, device=xs.device)),
         "cuda linear_mse_fwd_bwd": lambda xs, ts, ps, ss: torch.ops.fusedtrain.linear_mse_fwd_bwd(
             xs, *ps, ts, reference.MEAN, True),
-        "triton linear_mse_train_step_": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_train_step_(
-            xs, ts, *ps, reference.MEAN, flat(ss), *[triton_hyper[k] for k in TRITON_TRAIN_STEP_ARGS]),
+        "triton stack_adam_step_": lambda xs, ts, ps, ss: stack_step(
+            fusedtrain.triton, optimizer, xs, ts, ps, spec._replace(loss=reference.Loss.L1), ss),
         "triton linear_mse_fwd_bwd": lambda xs, ts, ps, ss: fusedtrain.triton.linear_mse_fwd_bwd(
             xs, *ps, ts, reference.MEAN, True),
     }
@@ -970,7 +971,3 @@ def test_ops_and_optimizers_on_the_second_gpu_while_the_first_is_current():
             for a, b in zip(on["cuda:0"], on["cuda:1"]):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{backend} {name}: {m}")
 
-
-# fusedtrain.triton.linear_mse_train_step_'s arguments after `state`, in order (first_step last).
-TRITON_TRAIN_STEP_ARGS = ["adam", "lr", "weight_decay", "maximize", "beta1", "beta2", "eps", "decoupled",
-                          "amsgrad", "momentum", "dampening", "nesterov", "first_step"]
