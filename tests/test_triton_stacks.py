@@ -183,7 +183,10 @@ def _check_fwd_bwd(device: str) -> None:
                                         else target.double(), [p.double() for p in params], *spec)
         native = torch.ops.fusedtrain.stack_fwd_bwd(x, target, params, *spec)
         rounded = reference.stack_fwd_bwd(x, target, params, *spec)
-        got = stack_fwd_bwd(x.to(device), target.to(device), _to(device, params), *spec)
+        x_in = x.to(device)
+        if seed % 3 == 1:  # column-major: the kernels read x by its strides
+            x_in = x_in.t().contiguous().t()
+        got = stack_fwd_bwd(x_in, target.to(device), _to(device, params), *spec)
         assert got[0].shape == () and got[0].dtype == case.dtype, label
         assert all(g.shape == p.shape and g.dtype == p.dtype for g, p in zip(got[1], params)), label
         bound = max(case.tolerance or TOLERANCE[case.dtype], 4 * _errors(rounded, exact),
@@ -192,8 +195,8 @@ def _check_fwd_bwd(device: str) -> None:
         assert error <= bound and from_native <= bound, \
             f"{label}: relative error {error:.3g}, from the native op {from_native:.3g}, bound {bound:.3g}"
         if seed % 4 == 0:  # (a few cases: the interpreter is slow)
-            loss_only, no_grads = stack_fwd_bwd(x.to(device), target.to(device),
-                                                _to(device, params), *spec, False)
+            loss_only, no_grads = stack_fwd_bwd(x_in, target.to(device), _to(device, params),
+                                                *spec, False)
             assert no_grads == [] and _relative_error(loss_only, got[0]) == 0.0, label
         print(f"{label}: error {error:.2g} (bound {bound:.2g})")
 

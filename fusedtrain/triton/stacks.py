@@ -32,8 +32,8 @@ tiling and weight-gradient kernel they share):
 
 Then the Triton optimizer kernels (fusedtrain.triton.optim.adam_step_ / sgd_step_) update every
 param with its gradient: the update is the code of those ops. Depth 1 without activation under
-MSE is linear_mse_fwd_bwd's case: it runs those kernels (one pass over x, g never stored for
-the loss alone).
+MSE runs linear_mse_fwd_bwd's kernels instead, whose forward takes the loss and its gradient in
+its epilogue: one launch and one (N, out) buffer fewer, and nothing stored for the loss alone.
 
 Everything runs on x's device, with it current, in x's dtype (fp32 or fp64; fp32 products by
 tl.dot's "ieee" precision, no TF32), and nothing waits for the device: the loss is a 0-dim
