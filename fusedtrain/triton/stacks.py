@@ -130,8 +130,8 @@ def _activation(z, slope, ACTIVATION: tl.constexpr):
     elif ACTIVATION == _GELU:
         return 0.5 * z * (1.0 + tl.erf(z * _constant(_SQRT_HALF, DTYPE)))
     elif ACTIVATION == _GELU_TANH:
-        inner = _constant(_SQRT_2_OVER_PI, DTYPE) * (z + _constant(_GELU_TANH_CUBIC, DTYPE) * z * z * z)
-        return 0.5 * z * (1.0 + _tanh(inner))
+        cubic = _constant(_GELU_TANH_CUBIC, DTYPE)
+        return 0.5 * z * (1.0 + _tanh(_constant(_SQRT_2_OVER_PI, DTYPE) * (z + cubic * z * z * z)))
     elif ACTIVATION == _IDENTITY:
         return z
     else:  # SILU
@@ -528,7 +528,8 @@ def _check_call(op: str, x: Tensor, target: Tensor, params: list[Tensor], has_bi
 # ---- The ops ---------------------------------------------------------------------------------
 
 
-def _layer_buffers(n: int, layer: _Layer, need_grads: bool, like: Tensor) -> tuple[Tensor, Tensor | None]:
+def _layer_buffers(n: int, layer: _Layer, need_grads: bool,
+                   like: Tensor) -> tuple[Tensor, Tensor | None]:
     """h_l, and z_l where the derivative needs it."""
     shape = (n, layer.weight.shape[0])
     h = torch.empty(shape, dtype=like.dtype, device=like.device)
