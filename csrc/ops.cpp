@@ -172,6 +172,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("x"), py::arg("target"), py::arg("epochs"), py::arg("batch_size"), py::arg("orders"),
            py::arg("generator"), py::arg("val_x"), py::arg("val_target"));
+  // One train step of a stack (FusedTrainStep's eager path on the CPU): the ops' CPU kernels with
+  // the description and hyperparameters as the objects above, the lists borrowed from Python.
+  m.def(
+      "stack_adam_step_cpu",
+      [](const at::Tensor& x, const at::Tensor& target, py::handle params, const fusedtrain::StackSpec& spec,
+         py::handle exp_avgs, py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps,
+         const AdamHyper& hyper) {
+        constexpr const char* kName = "stack_adam_step_";
+        const BorrowedTensors p(params, kName, "params"), m1(exp_avgs, kName, "exp_avgs"),
+            m2(exp_avg_sqs, kName, "exp_avg_sqs"), m2_max(max_exp_avg_sqs, kName, "max_exp_avg_sqs"),
+            s(steps, kName, "steps");
+        py::gil_scoped_release release;
+        return cpu::stack_adam_step_cpu(x, target, p.list(), spec, m1.list(), m2.list(), m2_max.list(), s.list(),
+                                        hyper);
+      });
+  m.def(
+      "stack_sgd_step_cpu",
+      [](const at::Tensor& x, const at::Tensor& target, py::handle params, const fusedtrain::StackSpec& spec,
+         py::handle momentum_buffers, const SgdHyper& hyper) {
+        constexpr const char* kName = "stack_sgd_step_";
+        const BorrowedTensors p(params, kName, "params"), b(momentum_buffers, kName, "momentum_buffers");
+        py::gil_scoped_release release;
+        return cpu::stack_sgd_step_cpu(x, target, p.list(), spec, b.list(), hyper);
+      });
   m.def("stack_fit_adam_cpu",
         [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
            const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,

@@ -18,6 +18,7 @@ Triton kernels keep the linear_mse kernels (one pass over x for narrow outputs).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -85,6 +86,31 @@ def _native(hyper: NamedTuple, cls):
     return config
 
 
+class _NativeCpuStep(NamedTuple):
+    """FusedTrainStep's path for the calls after a full one on the native CPU kernels: what that
+    call checked in Python is kept, by identity (the param group, optimizer.state, its per-param
+    dicts and state tensors) or by value (the hyperparameters), and verified again in a few C
+    loops. The batch is checked by the kernel itself; one that it refuses takes the full path,
+    which names the problem (or converts the batch: a target to broadcast, uint8 classes) before
+    anything is written."""
+
+    backend_env: str | None  # FUSEDTRAIN_BACKEND then
+    group: dict
+    hyper_values: tuple  # _group_values(group) then
+    state: dict  # optimizer.state
+    dicts: list[dict]  # optimizer.state[p] for each param
+    keys: tuple[str, ...]  # the entries of each dict the step uses
+    tensors: list[Tensor]  # dicts[i][keys[k]] at [i * len(keys) + k]
+    step: Callable[[Tensor, Tensor], Tensor]  # (x, y) -> loss
+
+
+def _group_values(group: dict) -> tuple:
+    """Every setting of a param group that the step's hyperparameters are read from."""
+    return (group["lr"], group.get("betas"), group.get("eps"), group["weight_decay"], group.get("amsgrad"),
+            group["maximize"], group.get("momentum"), group.get("dampening"), group.get("nesterov"),
+            group.get("decoupled_weight_decay"))
+
+
 class _Training:
     """What a fused step needs from a model, criterion and optimizer: checked once, the
     optimizer's hyperparameters and state read fresh at every call."""
@@ -117,6 +143,7 @@ class _Training:
         self.device = self.params[0].device
         self.resolve_backend()  # an unknown one, or one that cannot run here, fails now
         self._native_spec = _extension._C.StackSpec(*self.stack.spec) if _extension.native_available() else None
+        self._native_cpu_step: _NativeCpuStep | None = None
 
     def step_op_name(self) -> str:
         return "stack_adam_step_" if self.adam else "stack_sgd_step_"
@@ -212,6 +239,50 @@ class _Training:
         self.optimizer._opt_called = True
         return result
 
+    def remember_native_cpu_step(self) -> None:
+        """After a full step: keep what it checked for the next ones (see _NativeCpuStep), when
+        it ran the native CPU kernels with hyperparameters that are plain numbers."""
+        self._native_cpu_step = None
+        group = self.optimizer.param_groups[0]
+        values = _group_values(group)
+        if (self.device.type != "cpu" or self.resolve_backend() != "native"
+                or any(isinstance(v, Tensor) for v in (*values, *(values[1] or ())))):
+            return
+        hyper = self.hyper()
+        state, _ = self.state(hyper)
+        keys: tuple[str, ...] = ()
+        if self.adam:
+            keys = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if hyper.amsgrad else ())
+            run, lists = _extension._C.stack_adam_step_cpu, (*state, _native(hyper, _extension._C.AdamHyper))
+        else:
+            keys = ("momentum_buffer",) if hyper.momentum != 0 else ()
+            run, lists = _extension._C.stack_sgd_step_cpu, (state, _native(hyper, _extension._C.SgdHyper))
+        params, spec = self.params, self._native_spec
+        step = lambda x, y: run(x, y, params, spec, *lists)  # noqa: E731
+        dicts = [self.optimizer.state[p] for p in self.params] if keys else []
+        self._native_cpu_step = _NativeCpuStep(os.environ.get("FUSEDTRAIN_BACKEND"), group, values,
+                                               self.optimizer.state, dicts, keys,
+                                               [d[k] for d in dicts for k in keys], step)
+
+    def native_cpu_step(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """The loss of one step by the kept native CPU path, if what the last full step checked
+        still holds and the kernel takes the batch as it is; else None, nothing written."""
+        kept = self._native_cpu_step
+        if (kept is None or type(x) is not Tensor or type(y) is not Tensor
+                or os.environ.get("FUSEDTRAIN_BACKEND") != kept.backend_env
+                or self.optimizer.param_groups[0] is not kept.group or _group_values(kept.group) != kept.hyper_values):
+            return None
+        if kept.keys and not (self.optimizer.state is kept.state
+                              and _extension._C.same_items(kept.state, self.params, kept.dicts)
+                              and _extension._C.entries_are(kept.dicts, kept.keys, kept.tensors)):
+            return None
+        try:
+            loss = kept.step(x, y)
+        except (RuntimeError, TypeError, ValueError, IndexError):  # refused before anything was written
+            return None
+        self.optimizer._opt_called = True  # as run() does
+        return loss
+
     def evaluate(self, x: Tensor, target: Tensor) -> Tensor:
         """The loss of (x, target), no gradient work."""
         backend = self.resolve_backend()
@@ -274,9 +345,13 @@ class FusedTrainStep:
         self._training = _Training(model, optimizer, criterion, "FusedTrainStep", backend)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        x, target = self._training.data(x, y)
-        losses, _ = self._training.run(x, target, 1, 0, None, None, None)
-        return losses[0]
+        training = self._training
+        loss = training.native_cpu_step(x, y)
+        if loss is None:
+            x, target = training.data(x, y)
+            loss = training.run(x, target, 1, 0, None, None, None)[0][0]
+            training.remember_native_cpu_step()
+        return loss
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, X: Tensor | DataLoader, Y: Tensor | None = None,

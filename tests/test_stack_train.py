@@ -320,6 +320,64 @@ def test_state_dict_round_trips_to_torch_and_training_continues():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def stock_step(model, opt, criterion, x, y):
+    opt.zero_grad()
+    loss = criterion(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("optimizer", ["adam_amsgrad", "sgd_momentum", "sgd"])
+def test_repeated_fused_steps_follow_every_change_between_calls(optimizer, monkeypatch):
+    """After its first call FusedTrainStep keeps what it checked (hyperparameters by value, the
+    optimizer's state objects by identity): every change between calls must still be seen, and a
+    batch the kept path cannot take must still be converted or refused by name."""
+    name, kwargs = OPTIMIZERS[optimizer]
+    torch.manual_seed(8)
+    fused = SimpleModel().double()
+    stock = copy.deepcopy(fused)
+    fused_opt = getattr(torch.optim, name)(fused.parameters(), **kwargs)
+    stock_opt = getattr(torch.optim, name)(stock.parameters(), **kwargs)
+    criterion = nn.MSELoss()
+    step = fusedtrain.FusedTrainStep(fused, fused_opt, criterion)
+    x, y = tutorial_data(32)
+    x, y = x.double(), y.double()
+
+    def both(xb, yb):
+        torch.testing.assert_close(step(xb, yb), stock_step(stock, stock_opt, criterion, xb, yb), rtol=1e-10, atol=0)
+
+    def changes():
+        yield lambda: None
+        yield lambda: [g.__setitem__("lr", g["lr"] * 0.5) for o in (fused_opt, stock_opt) for g in o.param_groups]
+        yield lambda: [g.__setitem__("weight_decay", 0.02) for o in (fused_opt, stock_opt) for g in o.param_groups]
+        # the state replaced by a copy (load_state_dict), then one param's dict replaced
+        yield lambda: fused_opt.load_state_dict(copy.deepcopy(stock_opt.state_dict()))
+        yield lambda: fused_opt.state.__setitem__(fused.fc1.weight, copy.deepcopy(fused_opt.state[fused.fc1.weight]))
+        # one state tensor replaced in its dict
+        yield lambda: [d.__setitem__(k, v.clone()) for d in list(fused_opt.state.values())[:1] for k, v in list(d.items())[:1]]
+        yield lambda: monkeypatch.setenv("FUSEDTRAIN_BACKEND", "reference")
+        yield lambda: monkeypatch.delenv("FUSEDTRAIN_BACKEND")
+        yield lambda: fused_opt.state.clear() or stock_opt.state.clear()
+
+    for change in changes():
+        change()
+        both(x, y)
+        both(x, y)
+    with pytest.warns(UserWarning, match="target size"):  # (1, 1) broadcasts over the rows: converted
+        both(x, y[:1])
+    before = [p.clone() for p in fused.parameters()]
+    with pytest.raises(TypeError, match="FusedTrainStep: y is torch.float32 but the model is torch.float64"):
+        step(x, y.float())
+    with pytest.raises(ValueError, match=r"FusedTrainStep: x must have shape \(N, 10\)"):
+        step(x[:, :3], y)
+    for a, b in zip(before, fused.parameters()):
+        assert torch.equal(a, b)
+    both(x, y)
+    for a, b in zip(stock.parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("op", ["stack_fwd_bwd", "stack_adam_step_", "stack_sgd_step_"])
 def test_opcheck(op):
     model, widths = random_stack(1, "relu", torch.float32, depth=2)
