@@ -179,7 +179,9 @@ def test_every_optimizer_setting_matches_the_reference(optimizer, dtype):
 ], ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else f"batch{v}")
 def test_depths_widths_and_batches(widths, batch, dtype):
     torch.manual_seed(2)
-    model = mlp(widths, Activation.TANH, bias=len(widths) % 2 == 0)
+    # Tanh after the last layer too: depth 1 is then a stack for the narrow kernel, not the
+    # linear + MSE case.
+    model = mlp(widths, Activation.TANH, last_activation=True, bias=len(widths) % 2 == 0)
     check_steps(model, nn.MSELoss(), "sgd-momentum", dtype, batch=batch)
 
 
@@ -222,6 +224,20 @@ def test_every_row_ignored_gives_a_nan_loss_and_no_update():
     assert torch.isnan(loss).item()
     for b, p in zip(before, run.params):
         assert torch.equal(b, p)
+
+
+@pytest.mark.parametrize("optimizer", ["adam-amsgrad-wd", "sgd-nesterov-wd"])
+def test_a_narrow_step_is_one_kernel_launch(optimizer):
+    torch.manual_seed(10)
+    run = Run(mlp([10, 64, 32, 1], Activation.RELU), nn.MSELoss(), optimizer, DEVICE, torch.float32)
+    x, y = torch.randn(1000, 10, device=DEVICE), torch.randn(1000, 1, device=DEVICE)
+    run.step(torch.ops.fusedtrain, x, y)  # a first call sizes the grid
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run.step(torch.ops.fusedtrain, x, y)
+        torch.cuda.synchronize()
+    on_device = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(on_device) == 1 and "narrow_stack_step" in on_device[0], on_device
 
 
 def large_run(seed):
