@@ -23,6 +23,7 @@
 #include <c10/macros/Macros.h>
 
 #include "fusedtrain/stack_math.h"
+#include "grid_sum.cuh"
 #include "launch.cuh"
 #include "stack_gemm_cuda.h"
 
@@ -43,12 +44,6 @@ constexpr int kCountThreads = 1024;
 
 int blocks_for(int64_t work) {
   return static_cast<int>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, kMaxBlocks));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // The sum of every thread's `v` on thread 0, in a fixed order (warps, then warp by warp).
