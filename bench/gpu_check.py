@@ -154,7 +154,7 @@ c = _extension._C
 assert c is not None, f"fusedtrain._C did not load: {_extension.LOAD_ERROR}"
 assert c.has_cuda_kernels(), f"{c.__file__} was built without CUDA kernels"
 assert torch.cuda.is_available(), "torch sees no CUDA device"
-for op in ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "linear_mse_train_step_"):
+for op in ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "stack_fwd_bwd", "stack_adam_step_", "stack_sgd_step_"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtrain::{op}", "CUDA"), f"{op} has no CUDA kernel"
 print(f"loaded {c.__file__} for {fusedtrain.__file__}; CUDA kernels on {torch.cuda.get_device_name(0)}")
 """

@@ -22,8 +22,6 @@ from fusedtrain import _extension, reference
 BACKENDS = ("auto", "native", "triton", "reference")
 TRITON_OPS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd", "stack_fwd_bwd", "stack_adam_step_",
               "stack_sgd_step_")
-# Ops whose native kernels exist on the CPU only (so far): "auto" picks the reference elsewhere.
-CPU_ONLY_OPS = ("stack_fwd_bwd", "stack_adam_step_", "stack_sgd_step_")
 # Ops whose CPU kernel is also bound in _C as <name without the trailing _>_cpu (see op()).
 DIRECT_CPU_BINDINGS = ("adam_step_", "sgd_step_", "linear_mse_fwd_bwd")
 
@@ -51,8 +49,6 @@ def why_not(backend: str, device: torch.device, name: str | None = None) -> str 
         if device.type not in NATIVE_DEVICES:
             return ("the compiled extension is not available" if not _extension.native_available()
                     else f"this build has no {device.type} kernels")
-        if name in CPU_ONLY_OPS and device.type != "cpu":
-            return f"{name} has native kernels on the CPU only (use backend='reference' on {device.type})"
     if backend == "triton":
         if name is not None and name not in TRITON_OPS:
             return f"there is no Triton kernel for {name}"

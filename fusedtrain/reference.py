@@ -157,59 +157,6 @@ def linear_mse_fwd_bwd(
     return loss, grad_weight, grad_bias, grad_x
 
 
-def linear_mse_train_step_(
-    x: Tensor,
-    target: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    reduction: int,
-    state: list[Tensor],
-    adam: bool,
-    lr: float,
-    weight_decay: float,
-    maximize: bool,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    decoupled: bool,
-    amsgrad: bool,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    first_step: bool,
-) -> Tensor:
-    """One training step of a linear layer on the MSE loss: linear_mse_fwd_bwd, then adam_step_
-    (adam=True) or sgd_step_ on [weight, bias], in place; returns the loss before the update.
-    state: see split_train_step_state."""
-    params = [weight] if bias is None else [weight, bias]
-    lists = split_train_step_state(state, len(params), adam, amsgrad, momentum)
-    loss, grad_weight, grad_bias, _ = linear_mse_fwd_bwd(x, weight, bias, target, reduction, False)
-    grads = [grad_weight] if bias is None else [grad_weight, grad_bias]
-    if adam:
-        adam_step_(params, grads, *lists, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                   maximize)
-    else:
-        sgd_step_(params, grads, *lists, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                  first_step)
-    return loss
-
-
-def split_train_step_state(state: list[Tensor], n_params: int, adam: bool, amsgrad: bool,
-                           momentum: float) -> tuple[list[Tensor], ...]:
-    """The optimizer op's state lists in linear_mse_train_step_'s one `state` list (the order of
-    csrc/cpu/linear_mse_fit.h), one tensor per param (weight, then bias if any): for Adam
-    (exp_avgs, exp_avg_sqs, max_exp_avg_sqs (empty unless amsgrad), steps); for SGD
-    (momentum_buffers,), empty without momentum. A list of another length is refused."""
-    n = n_params
-    expected = ((4 if amsgrad else 3) * n if adam else (n if momentum != 0 else 0))
-    if len(state) != expected:
-        raise ValueError(f"linear_mse_train_step_: state has {len(state)} tensors, expected {expected}")
-    if not adam:
-        return (state,)
-    steps_at = (3 if amsgrad else 2) * n
-    return state[:n], state[n:2 * n], state[2 * n:steps_at], state[steps_at:]
-
-
 # ---------------------------------------------------------------------------------------------
 # Layer stacks: nn.Linear layers, each optionally followed by one elementwise activation, and a
 # loss head. fusedtrain.stacks describes a model as these codes; csrc/stack_spec.h holds the same.
