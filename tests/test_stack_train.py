@@ -115,6 +115,42 @@ def test_loss_and_gradients_match_autograd(activation, loss):
     assert relative_error(got_grads, want_grads) <= max(1e-5, 4 * relative_error(stock_grads, want_grads))
 
 
+class WideReusedModel(nn.Module):
+    """A layer large enough for the GEMM path (150 x 150 weights), applied twice."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(6, 150), nn.Linear(150, 150, bias=bias), nn.Linear(150, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.hidden(torch.relu(self.inp(x))))
+        return self.out(torch.sigmoid(self.hidden(x)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_gemm_layer_applied_twice_adds_both_uses_over_several_steps(bias):
+    """The GEMM path writes a gradient by its first use in a batch and adds the second use; each
+    new batch starts over (three Adam steps against the stock loop, fp64)."""
+    torch.manual_seed(3)
+    fused = WideReusedModel(bias).double()
+    stock = copy.deepcopy(fused)
+    criterion = nn.SmoothL1Loss(beta=0.5)
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    want_loss, want_grads = autograd_loss_and_grads(stock, criterion, x, y)
+    stack = stacks.describe(fused, criterion)
+    got_loss, got_grads = OPS.stack_fwd_bwd(x, y, [p.detach() for p in stack.params()], *stack.spec)
+    assert relative_error(got_loss, want_loss) <= 1e-10
+    assert relative_error(got_grads, want_grads) <= 1e-10
+    stock_opt, fused_opt = torch.optim.Adam(stock.parameters(), lr=0.01), torch.optim.Adam(fused.parameters(), lr=0.01)
+    step = fusedtrain.FusedTrainStep(fused, fused_opt, criterion)
+    for start in (0, 10, 20):
+        torch.testing.assert_close(step(x[start:start + 20], y[start:start + 20]),
+                                   stock_step(stock, stock_opt, criterion, x[start:start + 20], y[start:start + 20]),
+                                   rtol=1e-10, atol=0)
+    for a, b in zip(stock.parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("loss", ["mse", "l1", "cross_entropy", "bce_with_logits"])
 def test_train_step_equals_the_stock_step(optimizer, loss):

@@ -1,7 +1,7 @@
 // The optimizer update inside a fused training step or loop: the params are updated in place
-// from gradients held in plain buffers, by the active instruction set's Adam or SGD element loops,
-// the same code that adam_step_ and sgd_step_ run. Built once per call (checks, pointers), then
-// step() per optimizer step allocates nothing.
+// from gradients held in plain buffers, by the active instruction set's Adam or SGD element loops
+// over the multi-tensor launcher's chunks, the same code that adam_step_ and sgd_step_ run. Built
+// once per call (checks, pointers), then step() per optimizer step.
 #pragma once
 
 #include <cmath>
@@ -82,8 +82,12 @@ class AdamUpdater {
       tensor.grad = grads[i];
       tensor.coeffs_f32 = coeffs_f32_;
       tensor.coeffs_f64 = coeffs_f64_;
-      kernels.adam(options, tensor, 0, numels_[i]);
     }
+    // All params in one parallel region, as adam_step_ runs them (a wide stack's update is as
+    // large as its GEMMs' output).
+    for_each_chunk(numels_, [&](int64_t t, int64_t begin, int64_t end) {
+      kernels.adam(options, tensors_[t], begin, end);
+    });
   }
 
  private:
@@ -125,10 +129,10 @@ class SgdUpdater {
                              math::make_sgd_coeffs<double>(h_.lr, h_.momentum, h_.dampening,
                                                            h_.weight_decay, h_.maximize)};
     const IsaKernels& kernels = active_kernels();
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      tensors_[i].grad = grads[i];
-      kernels.sgd(options, tensors_[i], 0, numels_[i]);
-    }
+    for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].grad = grads[i];
+    for_each_chunk(numels_, [&](int64_t t, int64_t begin, int64_t end) {
+      kernels.sgd(options, tensors_[t], begin, end);
+    });
     h_.first_step = false;  // the buffers exist from now on
   }
 

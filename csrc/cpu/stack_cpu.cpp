@@ -60,9 +60,38 @@ void check_classes(const char* op, const StackSpec& spec, const at::Tensor& targ
   }
 }
 
+// f(begin, count) over [0, total) split among the threads: for a GEMM layer's elementwise passes,
+// each element on its own, so the split does not change the result.
+template <typename F>
+void on_all_threads(int64_t total, const F& f) {
+  at::parallel_for(0, total, kMinParallelElements, [&](int64_t begin, int64_t end) { f(begin, end - begin); });
+}
+
+// An allocator that leaves new elements uninitialized: a wide layer's gradient buffer is written
+// whole by its first GEMM, so zeroing it first would be one more pass over as many bytes as the
+// weights.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 // The forward and backward of a stack over batches, with gradients kept in buffers between calls.
 template <typename T>
 class StackStep {
+ public:
+  using Buffer = std::vector<T, UninitializedAllocator<T>>;
+
  public:
   StackStep(const StackSpec& spec, at::TensorList params, int64_t in) : spec_(spec) {
     int64_t width = in;
@@ -79,14 +108,22 @@ class StackStep {
     }
     linear_mse_ = spec.layers() == 1 && spec.activations[0] == math::Activation::kIdentity &&
                   spec.loss == math::Loss::kMse;
-    for (const at::Tensor& param : params) grads_.emplace_back(param.numel(), T(0));
-    for (std::vector<T>& g : grads_) grad_pointers_.push_back(g.data());
+    for (const at::Tensor& param : params) grads_.emplace_back(param.numel());
+    for (Buffer& g : grads_) grad_pointers_.push_back(g.data());
+    // A param of a GEMM layer has its gradient written by the layer's first use in a batch (then
+    // added to by a second use); the loops add into theirs, which start at zero.
+    written_by_gemm_.assign(params.size(), -1);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      if (!is_gemm(layers_[l])) continue;
+      written_by_gemm_[weight_index_[l]] = 0;
+      if (layers_[l].bias != nullptr) written_by_gemm_[weight_index_[l] + 1] = 0;
+    }
     weight_t_.resize(layers_.size());
   }
 
   int64_t out() const { return layers_.back().out; }
   const std::vector<void*>& grad_pointers() const { return grad_pointers_; }
-  const std::vector<std::vector<T>>& grads() const { return grads_; }
+  const std::vector<Buffer>& grads() const { return grads_; }
 
   // The loss of `rows` rows (reduced as the spec says); with want_grads, the gradient of every
   // param in grads().
@@ -105,8 +142,12 @@ class StackStep {
     const T scale = static_cast<T>(spec_.reduction == at::Reduction::Mean ? 1.0 / count : 1.0);
     const StackLoss<T> loss{spec_.loss, static_cast<T>(spec_.loss_param), scale, spec_.ignore_index,
                             static_cast<T>(spec_.label_smoothing)};
-    if (want_grads) {
-      for (std::vector<T>& g : grads_) std::fill(g.begin(), g.end(), T(0));
+    for (size_t p = 0; want_grads && p < grads_.size(); ++p) {
+      if (written_by_gemm_[p] < 0) {
+        std::fill(grads_[p].begin(), grads_[p].end(), T(0));
+      } else {
+        written_by_gemm_[p] = 0;
+      }
     }
     const int64_t block_rows = gemm_ ? std::max<int64_t>(rows, 1)
                                      : std::max(kMinBlockRows, (rows + kMaxBlocks - 1) / kMaxBlocks);
@@ -119,7 +160,7 @@ class StackStep {
       // Each block into its own accumulators, summed in block order below.
       std::vector<double> block_losses(blocks, 0.0);
       size_t width = 0;
-      for (const std::vector<T>& g : grads_) width += g.size();
+      for (const Buffer& g : grads_) width += g.size();
       partials_.assign(want_grads ? blocks * width : 0, T(0));
       // One workspace per thread, made before the threads start (they only size their own).
       if (workspaces_.size() < static_cast<size_t>(at::get_num_threads())) workspaces_.resize(at::get_num_threads());
@@ -131,7 +172,7 @@ class StackStep {
         for (int64_t b = first; b < last; ++b) {
           std::vector<void*> accumulators;
           T* partial = want_grads ? partials_.data() + b * width : nullptr;
-          for (const std::vector<T>& g : grads_) {
+          for (const Buffer& g : grads_) {
             accumulators.push_back(partial);
             if (partial != nullptr) partial += g.size();
           }
@@ -144,7 +185,7 @@ class StackStep {
         total += block_losses[b];
         if (!want_grads) continue;
         const T* partial = partials_.data() + b * width;
-        for (std::vector<T>& g : grads_) {
+        for (Buffer& g : grads_) {
           for (size_t k = 0; k < g.size(); ++k) g[k] += partial[k];
           partial += g.size();
         }
@@ -239,7 +280,11 @@ class StackStep {
         } else {
           at::mm_out(z, a_in, w.t());
         }
-        k.activate(layer, ws.z[l].data(), rows * layer.out, output(ws, l));
+        const T* z_data = ws.z[l].data();
+        T* y_data = output(ws, l);
+        on_all_threads(rows * layer.out, [&](int64_t begin, int64_t count) {
+          k.activate(layer, z_data + begin, count, y_data + begin);
+        });
       } else {
         k.forward(layer, a, rows, ws.z[l].data(), output(ws, l));
       }
@@ -258,8 +303,18 @@ class StackStep {
       T* grad_bias = layer.bias != nullptr ? static_cast<T*>(accumulators[weight_index_[l] + 1]) : nullptr;
       const at::Tensor g = view(ws.g.data(), {rows, layer.out});
       if (is_gemm(layer)) {
-        view(grad_weight, {layer.out, layer.in}).addmm_(g.t(), view(const_cast<T*>(a_below), {rows, layer.in}));
-        if (grad_bias != nullptr) view(grad_bias, {layer.out}).add_(g.sum(0));
+        // In GEMM mode the batch is one block: the accumulators are grads_ themselves.
+        const at::Tensor a_t = view(const_cast<T*>(a_below), {rows, layer.in});
+        at::Tensor grad_w = view(grad_weight, {layer.out, layer.in});
+        int8_t& weight_written = written_by_gemm_[weight_index_[l]];
+        weight_written ? grad_w.addmm_(g.t(), a_t) : at::mm_out(grad_w, g.t(), a_t);
+        weight_written = 1;
+        if (grad_bias != nullptr) {
+          at::Tensor grad_b = view(grad_bias, {layer.out});
+          int8_t& bias_written = written_by_gemm_[weight_index_[l] + 1];
+          bias_written ? grad_b.add_(g.sum(0)) : at::sum_out(grad_b, g, 0);
+          bias_written = 1;
+        }
       } else {
         k.weight_grad(layer, ws.g.data(), a_below, rows, grad_weight, grad_bias);
       }
@@ -268,7 +323,12 @@ class StackStep {
       if (is_gemm(layer)) {
         at::Tensor g_below = view(ws.g_below.data(), {rows, layer.in});
         at::mm_out(g_below, g, view(const_cast<T*>(layer.weight), {layer.out, layer.in}));
-        k.scale_by_derivative(below, ws.z[l - 1].data(), output(ws, l - 1), rows * layer.in, ws.g_below.data());
+        const T* z = ws.z[l - 1].data();
+        const T* y = output(ws, l - 1);
+        T* g_out = ws.g_below.data();
+        on_all_threads(rows * layer.in, [&](int64_t begin, int64_t count) {
+          k.scale_by_derivative(below, z + begin, y + begin, count, g_out + begin);
+        });
       } else {
         k.input_grad(layer, ws.g.data(), rows, below, ws.z[l - 1].data(), output(ws, l - 1), ws.g_below.data());
       }
@@ -285,8 +345,9 @@ class StackStep {
   int64_t macs_per_row_ = 0;
   std::vector<T> linear_workspace_;
   std::vector<std::vector<T>> weight_t_;
-  std::vector<std::vector<T>> grads_;
+  std::vector<Buffer> grads_;
   std::vector<void*> grad_pointers_;
+  std::vector<int8_t> written_by_gemm_;  // per param: -1 loops add into it, else whether written yet
   std::vector<T> partials_;
   std::vector<Workspace> workspaces_;
 };
