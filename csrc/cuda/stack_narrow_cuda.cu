@@ -27,6 +27,10 @@
 // kept between launches (no counter, no ticket): capturable in a CUDA graph, and two replays on
 // two streams share nothing. For a given device and shape the tiles each block runs and every
 // order of summation are fixed, so two runs give the same bits.
+//
+// The device code is stack_narrow_kernel.cuh (run on CPU threads by csrc/tests/test_narrow_kernel.cpp);
+// this file holds the __global__ wrapper and the host side: the layout and grid from the device's
+// shared memory and occupancy (stack_narrow_layout.h), the arguments, the cooperative launch.
 #include "stack_narrow.h"
 
 #include <algorithm>
@@ -76,15 +80,11 @@ struct KernelLimits {
   int64_t max_dynamic_bytes;
 };
 
-std::mutex& limits_mutex() {
-  static std::mutex mutex;
-  return mutex;
-}
-
 KernelLimits kernel_limits(const void* kernel, int device) {
   // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
+  static std::mutex mutex;
   static auto* cache = new std::map<std::pair<const void*, int>, KernelLimits>();
-  const std::lock_guard<std::mutex> lock(limits_mutex());
+  const std::lock_guard<std::mutex> lock(mutex);
   const auto found = cache->find({kernel, device});
   if (found != cache->end()) return found->second;
   int sms = 0, optin = 0;
@@ -102,15 +102,10 @@ KernelLimits kernel_limits(const void* kernel, int device) {
 }
 
 // Blocks of `kernel` with `bytes` of dynamic shared memory that one multiprocessor holds at once.
-int blocks_per_sm(const void* kernel, int device, int64_t bytes) {
-  static auto* cache = new std::map<std::tuple<const void*, int, int64_t>, int>();
-  const std::lock_guard<std::mutex> lock(limits_mutex());
-  const auto found = cache->find({kernel, device, bytes});
-  if (found != cache->end()) return found->second;
+int blocks_per_sm(const void* kernel, int64_t bytes) {
   int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  cache->emplace(std::make_tuple(kernel, device, bytes), per_sm);
   return per_sm;
 }
 
@@ -133,7 +128,7 @@ struct NarrowPlan {
 
 // The first candidate layout (stack_narrow_layout.h) that fits two blocks on a multiprocessor,
 // else the first that fits one; none if no layout fits.
-std::optional<NarrowPlan> plan_narrow(const void* kernel, int device, const std::vector<int64_t>& widths,
+std::optional<NarrowPlan> choose_plan(const void* kernel, int device, const std::vector<int64_t>& widths,
                                       const std::vector<bool>& keeps_output, size_t element_bytes) {
   const KernelLimits limits = kernel_limits(kernel, device);
   const std::vector<NarrowLayout> candidates = narrow_layout_candidates(widths, keeps_output);
@@ -141,11 +136,30 @@ std::optional<NarrowPlan> plan_narrow(const void* kernel, int device, const std:
     for (const NarrowLayout& layout : candidates) {
       const int64_t bytes = layout.elements * static_cast<int64_t>(element_bytes);
       if (bytes > limits.max_dynamic_bytes) continue;
-      const int per_sm = blocks_per_sm(kernel, device, bytes);
+      const int per_sm = blocks_per_sm(kernel, bytes);
       if (per_sm >= at_least) return NarrowPlan{layout, static_cast<int64_t>(per_sm) * limits.sms};
     }
   }
   return std::nullopt;
+}
+
+// choose_plan, worked out once per kernel (which fixes element_bytes), device and stack shape: a
+// step asks for it three times (twice in narrow_stack_supported, once to launch).
+std::optional<NarrowPlan> plan_narrow(const void* kernel, int device, const std::vector<int64_t>& widths,
+                                      const std::vector<bool>& keeps_output, size_t element_bytes) {
+  using Key = std::tuple<const void*, int, std::vector<int64_t>, std::vector<bool>>;
+  static std::mutex mutex;
+  static auto* cache = new std::map<Key, std::optional<NarrowPlan>>();
+  Key key{kernel, device, widths, keeps_output};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache->find(key);
+    if (found != cache->end()) return found->second;
+  }
+  const std::optional<NarrowPlan> plan = choose_plan(kernel, device, widths, keeps_output, element_bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache->emplace(std::move(key), plan);
+  return plan;
 }
 
 template <typename T, typename Update>
@@ -201,14 +215,16 @@ at::Tensor launch_narrow_step(const at::Tensor& x_in, const at::Tensor& target_i
   for (int64_t most = plan->coresident;; most /= 2) {
     TORCH_CHECK(most >= 1, "fusedtrain: the device runs no cooperative launch of narrow_stack_step");
     const int blocks = narrow_grid_blocks(a.tiles, most, width);
-    // Freed while the kernel may still run: the caching allocator hands the memory only to work
-    // ordered after it on this stream (and keeps it for a graph being captured).
-    const at::Tensor partials = at::empty({blocks * width}, x.options());
-    const at::Tensor block_losses = at::empty({blocks}, x.options().dtype(at::kDouble));
-    const at::Tensor block_kept = at::empty({a.mean_over_kept ? blocks : 0}, x.options().dtype(at::kLong));
-    a.partials = partials.data_ptr<T>();
-    a.block_losses = block_losses.data_ptr<double>();
-    a.block_kept = block_kept.data_ptr<int64_t>();
+    // The scratch in one allocation: the partials, then (8-byte aligned) the block losses and
+    // kept counts. Freed while the kernel may still run: the caching allocator hands the memory
+    // only to work ordered after it on this stream (and keeps it for a graph being captured).
+    const int64_t partial_bytes = (blocks * width * static_cast<int64_t>(sizeof(T)) + 7) / 8 * 8;
+    const at::Tensor scratch =
+        at::empty({partial_bytes + blocks * 8 * (a.mean_over_kept ? 2 : 1)}, x.options().dtype(at::kByte));
+    uint8_t* const base = scratch.data_ptr<uint8_t>();
+    a.partials = reinterpret_cast<T*>(base);
+    a.block_losses = reinterpret_cast<double*>(base + partial_bytes);
+    a.block_kept = reinterpret_cast<int64_t*>(base + partial_bytes + blocks * 8);
     a.gradient_lanes = fused_reduce_lanes(width, blocks, static_cast<int64_t>(blocks) * kThreads);
     void* kernel_args[] = {&a, &update};
     const cudaError_t error = cudaLaunchCooperativeKernel(kernel, blocks, kThreads, kernel_args,
