@@ -328,6 +328,119 @@ def train_step_rows(report: Report, budget: Budget, compiled: bool) -> None:
     guarded_rows(report, budget, 60 if compiled else 6, rows, len(columns))
 
 
+def stack_rows(report: Report, budget: Budget) -> None:
+    """Layer stacks (issue 12's targets): the tutorial MLP's step and fit, a 64-64-64-1 stack on
+    65536 rows, and the wide MLP, each against the stock loop in the same run."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import fusedtrain
+    from fusedtrain import workloads
+
+    columns = ["workload", "stock", "stock (other)", "fusedtrain", "vs stock", "vs other", "notes"]
+    report.table("Layer stacks, Adam: the stock loop against FusedTrainStep / fit", columns)
+
+    def pair(make_model, stock_kwargs):
+        torch.manual_seed(0)
+        stock = make_model().cuda()
+        fused = make_model().cuda()
+        fused.load_state_dict(stock.state_dict())
+        return (stock, torch.optim.Adam(stock.parameters(), lr=1e-3, **stock_kwargs),
+                fused, fusedtrain.optim.Adam(fused.parameters(), lr=1e-3))
+
+    def stock_step(model, opt, x, y):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    def graphed(model, opt, x, y):
+        """The stock step captured whole in a CUDA graph (torch's recipe: warm up on a side
+        stream, grads set to None before the capture); returns its replay."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                stock_step(model, opt, x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return graph.replay
+
+    def tutorial_step():
+        x, y = (t.cuda() for t in workloads.nonlinear_data(32))
+        stock, stock_opt, fused, fused_opt = pair(workloads.regression_mlp, {"fused": True})
+        eager = cuda_time(lambda: stock_step(stock, stock_opt, x, y), repeats=200)
+        g_model, g_opt, _, _ = pair(workloads.regression_mlp, {"capturable": True})
+        replay = graphed(g_model, g_opt, x, y)
+        captured = cuda_time(replay, repeats=200)
+        step = fusedtrain.FusedTrainStep(fused, fused_opt)
+        ours = cuda_time(lambda: step(x, y), repeats=200)
+        return [f"{ms(eager)} eager fused=True", f"{ms(captured)} CUDA graph", ms(ours), f"{eager / ours:.2f}",
+                f"{captured / ours:.2f}", "targets 5x eager, 1.5x graph"]
+
+    def tutorial_fit():
+        x, y = (t.cuda() for t in workloads.nonlinear_data(1000))
+        stock, stock_opt, fused, fused_opt = pair(workloads.regression_mlp, {})
+
+        def loader():
+            return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+
+        stock_time = cuda_time(lambda: workloads.stock_loader_fit(stock, stock_opt, loader(), 5), 1, 3)
+        ours = cuda_time(lambda: fusedtrain.fit(fused, fused_opt, loader(), epochs=5), 1, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fusedtrain.fit(fused, fused_opt, loader(), epochs=5)
+            torch.cuda.synchronize()
+        launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return [f"{ms(stock_time)} DataLoader loop", "", ms(ours), f"{stock_time / ours:.2f}", "",
+                f"{launches} GPU activities per fit call; targets 50x, 1 launch"]
+
+    def deep_narrow():
+        x, y = (t.cuda() for t in workloads.regression(65536, 64, 1))
+
+        def make():
+            return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+        stock, stock_opt, fused, fused_opt = pair(make, {"fused": True})
+        eager = cuda_time(lambda: stock_step(stock, stock_opt, x, y))
+        c_model, c_opt, _, _ = pair(make, {"fused": True})
+        compiled = torch.compile(lambda: stock_step(c_model, c_opt, x, y))
+        compiled_time = cuda_time(compiled)
+        step = fusedtrain.FusedTrainStep(fused, fused_opt)
+        ours = cuda_time(lambda: step(x, y))
+        return [f"{ms(eager)} eager fused=True", f"{ms(compiled_time)} torch.compile", ms(ours),
+                f"{eager / ours:.2f}", f"{compiled_time / ours:.2f}", "targets 2x eager, 1.2x compile"]
+
+    def wide():
+        x, y = (t.cuda() for t in workloads.regression(256, 1024, 1024))
+        stock, stock_opt, fused, fused_opt = pair(workloads.wide_mlp, {"fused": True})
+        stock_step(stock, stock_opt, x, y)  # the state exists before the peak is measured
+        step = fusedtrain.FusedTrainStep(fused, fused_opt)
+        step(x, y)
+        peaks = []
+        for run in (lambda: stock_step(stock, stock_opt, x, y), lambda: step(x, y)):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
+        eager = cuda_time(lambda: stock_step(stock, stock_opt, x, y))
+        ours = cuda_time(lambda: step(x, y))
+        return [f"{ms(eager)} eager fused=True", "", ms(ours), f"{eager / ours:.2f}", "",
+                f"peak growth {peaks[0]:.0f} MiB stock, {peaks[1]:.0f} MiB fusedtrain; targets 1.0x, <= stock"]
+
+    rows = [("tutorial MLP 10-64-32-1, one step, batch 32", tutorial_step),
+            ("tutorial MLP, fit 5 epochs x 1000 rows, batch 32", tutorial_fit),
+            ("64-64-64-1 ReLU, one step, batch 65536", deep_narrow),
+            ("wide MLP 1024-4096-4096-1024, one step, batch 256", wide)]
+    guarded_rows(report, budget, 20, rows, len(columns))
+
+
 def triton_rows(report: Report, budget: Budget) -> None:
     """The Triton kernels against the CUDA C++ ones on the same ops and sizes."""
     import torch
@@ -396,7 +509,9 @@ def dry_run(budget_s: float, skip_build: bool) -> int:
         ("verify", "import fusedtrain from the repo root: _C loaded, built with CUDA, CUDA kernels registered; else stop (exit 2)"),
         ("tests", shlex.join(TEST_COMMAND) + f"  (at most {TEST_LIMIT_S} s; a skip other than '{ALLOWED_SKIP}' fails)"),
         ("benchmarks", "optimizer steps (Adam/AdamW/SGD vs torch fused and foreach, GB/s vs copy), "
-                       "linear + MSE train step (eager, then torch.compile), Triton vs CUDA C++; "
+                       "linear + MSE train step (eager), layer stacks (tutorial MLP step and fit, 64-64-64-1 "
+                       "on 65536 rows, wide MLP with peak memory), Triton vs CUDA C++, linear + MSE under "
+                       "torch.compile; "
                        "rows past the budget are listed as not run"),
     ]
     total = 0
@@ -439,7 +554,7 @@ def main() -> int:
     if not verify(report):
         return 2
     run_tests(report, args.out, budget)
-    for section in (optimizer_rows, lambda r, b: train_step_rows(r, b, compiled=False), triton_rows,
+    for section in (optimizer_rows, lambda r, b: train_step_rows(r, b, compiled=False), stack_rows, triton_rows,
                     lambda r, b: train_step_rows(r, b, compiled=True)):
         try:
             section(report, budget)
