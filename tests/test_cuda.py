@@ -276,19 +276,22 @@ def test_stack_fwd_bwd_on_cuda_of_an_empty_batch_and_a_shared_layer(path):
     torch.testing.assert_close(got_loss.cpu(), want_loss, equal_nan=True)
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got.cpu(), want)
-    # Linear(w, w) -> tanh -> the same Linear -> Linear(w, 2), under L1.
+    # Linear(w, w) -> tanh -> the same Linear -> Linear(w, 2), under L1; and the same weight used
+    # with its bias first and without it the second time (the op allows it: the bias gradient
+    # then comes from the first use alone).
     w = widths[0]
     g = torch.Generator().manual_seed(2)
     params = [torch.randn(shape, generator=g, dtype=torch.float64) * 0.3 for shape in [(w, w), (w,), (2, w), (2,)]]
-    spec = stacks.StackSpec([True, True, True], [0, 0, 2], [reference.Activation.TANH, 0, 0], [0.0] * 3,
-                            reference.Loss.L1, reference.MEAN, 0.0, -100, 0.0)
     x = torch.randn(70, w, generator=g, dtype=torch.float64)
     target = torch.randn(70, 2, generator=g, dtype=torch.float64)
-    want_loss, want_grads = reference.stack_fwd_bwd(x, target, params, *spec)
-    got_loss, got_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec)
-    torch.testing.assert_close(got_loss.cpu(), want_loss)
-    for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got.cpu(), want)
+    for second_bias in (True, False):
+        spec = stacks.StackSpec([True, second_bias, True], [0, 0, 2], [reference.Activation.TANH, 0, 0], [0.0] * 3,
+                                reference.Loss.L1, reference.MEAN, 0.0, -100, 0.0)
+        want_loss, want_grads = reference.stack_fwd_bwd(x, target, params, *spec)
+        got_loss, got_grads = torch.ops.fusedtrain.stack_fwd_bwd(*to_device([x, target, params]), *spec)
+        torch.testing.assert_close(got_loss.cpu(), want_loss)
+        for got, want in zip(got_grads, want_grads):
+            torch.testing.assert_close(got.cpu(), want)
 
 
 def train_step_cases():

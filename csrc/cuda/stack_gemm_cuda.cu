@@ -219,13 +219,18 @@ class GemmStack {
     for (size_t l = spec_.layers(); l-- > 0;) {
       const size_t p = static_cast<size_t>(spec_.layer_params[l]);
       const at::Tensor& a_below = l == 0 ? x_ : a_[l - 1];
-      if (written[p]) {  // an nn.Linear used twice: its gradient adds up both uses
+      // An nn.Linear used twice: its gradients add up both uses.
+      if (written[p]) {
         grads[p].addmm_(g.t(), a_below);
-        if (spec_.has_bias[l]) grads[p + 1].add_(g.sum(0));
       } else {
         at::mm_out(grads[p], g.t(), a_below);
-        if (spec_.has_bias[l]) at::sum_out(grads[p + 1], g, at::IntArrayRef{0});
         written[p] = true;
+      }
+      if (spec_.has_bias[l] && written[p + 1]) {
+        grads[p + 1].add_(g.sum(0));
+      } else if (spec_.has_bias[l]) {
+        at::sum_out(grads[p + 1], g, at::IntArrayRef{0});
+        written[p + 1] = true;
       }
       if (l == 0) break;
       current = 1 - current;
