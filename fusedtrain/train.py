@@ -86,13 +86,13 @@ def _native(hyper: NamedTuple, cls):
     return config
 
 
-class _NativeCpuStep(NamedTuple):
-    """FusedTrainStep's path for the calls after a full one on the native CPU kernels: what that
-    call checked in Python is kept, by identity (the param group, optimizer.state, its per-param
-    dicts and state tensors) or by value (the hyperparameters), and verified again in a few C
-    loops. The batch is checked by the kernel itself; one that it refuses takes the full path,
-    which names the problem (or converts the batch: a target to broadcast, uint8 classes) before
-    anything is written."""
+class _KeptNativeStep(NamedTuple):
+    """FusedTrainStep's path for the calls after a full one on the native kernels: what that call
+    checked in Python is kept, by identity (the param group, optimizer.state, its per-param dicts
+    and state tensors) or by value (the hyperparameters), and verified again in a few C loops.
+    The batch is checked by the kernel itself; one that it refuses takes the full path, which
+    names the problem (or converts the batch: a target to broadcast, uint8 classes) before
+    anything is written. On the CPU the kernel is called without the dispatcher."""
 
     backend_env: str | None  # FUSEDTRAIN_BACKEND then
     group: dict
@@ -143,7 +143,7 @@ class _Training:
         self.device = self.params[0].device
         self.resolve_backend()  # an unknown one, or one that cannot run here, fails now
         self._native_spec = _extension._C.StackSpec(*self.stack.spec) if _extension.native_available() else None
-        self._native_cpu_step: _NativeCpuStep | None = None
+        self._kept_native_step: _KeptNativeStep | None = None
 
     def step_op_name(self) -> str:
         return "stack_adam_step_" if self.adam else "stack_sgd_step_"
@@ -239,35 +239,42 @@ class _Training:
         self.optimizer._opt_called = True
         return result
 
-    def remember_native_cpu_step(self) -> None:
-        """After a full step: keep what it checked for the next ones (see _NativeCpuStep), when
-        it ran the native CPU kernels with hyperparameters that are plain numbers."""
-        self._native_cpu_step = None
+    def remember_native_step(self) -> None:
+        """After a full step: keep what it checked for the next ones (see _KeptNativeStep), when
+        it ran the native kernels with hyperparameters that are plain numbers. Not for cross
+        entropy on a GPU, whose kernels leave the class range to prepare_target's check (on the
+        device it would wait for the device)."""
+        self._kept_native_step = None
         group = self.optimizer.param_groups[0]
         values = _group_values(group)
-        if (self.device.type != "cpu" or self.resolve_backend() != "native"
+        on_cpu = self.device.type == "cpu"
+        if (self.resolve_backend() != "native" or not (on_cpu or self.stack.spec.loss != stacks.Loss.CROSS_ENTROPY)
                 or any(isinstance(v, Tensor) for v in (*values, *(values[1] or ())))):
             return
         hyper = self.hyper()
         state, _ = self.state(hyper)
-        keys: tuple[str, ...] = ()
         if self.adam:
             keys = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if hyper.amsgrad else ())
-            run, lists = _extension._C.stack_adam_step_cpu, (*state, _native(hyper, _extension._C.AdamHyper))
+            lists = (*state, _native(hyper, _extension._C.AdamHyper)) if on_cpu else (*state, *hyper)
         else:
             keys = ("momentum_buffer",) if hyper.momentum != 0 else ()
-            run, lists = _extension._C.stack_sgd_step_cpu, (state, _native(hyper, _extension._C.SgdHyper))
-        params, spec = self.params, self._native_spec
-        step = lambda x, y: run(x, y, params, spec, *lists)  # noqa: E731
+            lists = (state, _native(hyper, _extension._C.SgdHyper)) if on_cpu else (state, *hyper)
+        params = self.params if on_cpu else [p.detach() for p in self.params]
+        if on_cpu:
+            run, spec = (_extension._C.stack_adam_step_cpu if self.adam else _extension._C.stack_sgd_step_cpu,
+                         (self._native_spec,))
+        else:
+            run, spec = getattr(torch.ops.fusedtrain, self.step_op_name()), self.stack.spec
+        step = lambda x, y: run(x, y, params, *spec, *lists)  # noqa: E731
         dicts = [self.optimizer.state[p] for p in self.params] if keys else []
-        self._native_cpu_step = _NativeCpuStep(os.environ.get("FUSEDTRAIN_BACKEND"), group, values,
-                                               self.optimizer.state, dicts, keys,
-                                               [d[k] for d in dicts for k in keys], step)
+        self._kept_native_step = _KeptNativeStep(os.environ.get("FUSEDTRAIN_BACKEND"), group, values,
+                                                 self.optimizer.state, dicts, keys,
+                                                 [d[k] for d in dicts for k in keys], step)
 
-    def native_cpu_step(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """The loss of one step by the kept native CPU path, if what the last full step checked
+    def kept_native_step(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """The loss of one step by the kept native path, if what the last full step checked
         still holds and the kernel takes the batch as it is; else None, nothing written."""
-        kept = self._native_cpu_step
+        kept = self._kept_native_step
         if (kept is None or type(x) is not Tensor or type(y) is not Tensor
                 or os.environ.get("FUSEDTRAIN_BACKEND") != kept.backend_env
                 or self.optimizer.param_groups[0] is not kept.group or _group_values(kept.group) != kept.hyper_values):
@@ -346,11 +353,11 @@ class FusedTrainStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         training = self._training
-        loss = training.native_cpu_step(x, y)
+        loss = training.kept_native_step(x, y)
         if loss is None:
             x, target = training.data(x, y)
             loss = training.run(x, target, 1, 0, None, None, None)[0][0]
-            training.remember_native_cpu_step()
+            training.remember_native_step()
         return loss
 
 
