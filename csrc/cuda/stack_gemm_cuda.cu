@@ -2,7 +2,8 @@
 // its notation: stack_math.h). The GEMMs go through ATen, so cuBLAS, which follows torch's
 // allow_tf32 flags; everything elementwise around them is fused into one kernel per layer:
 //   forward, per layer l:  Z_l = A_{l-1} W_l^T (GEMM), then ONE kernel adds b_l and applies the
-//                          activation, A_l = act_l(Z_l) (Z_l kept for the derivative);
+//                          activation, A_l = act_l(Z_l), written over Z_l where the derivative
+//                          reads A_l alone (ReLU, tanh, sigmoid), else beside it;
 //   loss:                  ONE kernel writes dloss/dA_L and per-block loss sums, ONE one-warp kernel
 //                          adds those in block order and divides by the reduction's count (cross
 //                          entropy under "mean" first counts its rows not ignored, ONE kernel);
@@ -60,12 +61,13 @@ __device__ T block_sum(T v) {
   return total;
 }
 
-// Forward, after the GEMM: Z += b (kBias), A = act(Z). Z and A are rows x out, row-major; A is Z's
-// memory for the identity (which runs only to add the bias).
+// Forward, after the GEMM: Z += b (kBias), A = act(Z). Z and A are rows x out, row-major; A may be
+// Z's memory (always for the identity, which runs only to add the bias).
 template <typename T, typename Activ, bool kBias>
 __global__ void __launch_bounds__(kThreads)
 bias_activation(T* z, const T* bias, T* a, int64_t count, int64_t out, T param) {
   constexpr bool kIdentity = std::is_same_v<Activ, Act<Activation::kIdentity>>;
+  const bool store_z = kBias && (kIdentity || a != z);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // The bias column of element i moves on by stride mod out per step: one division per thread
@@ -76,15 +78,16 @@ bias_activation(T* z, const T* bias, T* a, int64_t count, int64_t out, T param) 
     T v = z[i];
     if constexpr (kBias) {
       v += bias[column];
-      z[i] = v;
       column += column_step;
       if (column >= out) column -= out;
     }
+    if (store_z) z[i] = v;
     if constexpr (!kIdentity) a[i] = Activ::forward(v, param);
   }
 }
 
-// Backward: dA of the layer's output into G = dA * act'(Z), in place (a = act(z)).
+// Backward: dA of the layer's output into G = dA * act'(Z), in place (a = act(z); z is a's
+// memory where the derivative reads a alone).
 template <typename T, typename Activ>
 __global__ void __launch_bounds__(kThreads)
 scale_by_derivative(T* g, const T* z, const T* a, int64_t count, T param) {
@@ -243,7 +246,8 @@ class GemmStack {
   }
 
  private:
-  // Z_l and A_l of every layer, kept for the backward.
+  // Z_l and A_l of every layer, kept for the backward (one buffer where the derivative reads A_l
+  // alone).
   void forward() {
     at::Tensor input = x_;
     for (size_t l = 0; l < spec_.layers(); ++l) {
@@ -252,7 +256,11 @@ class GemmStack {
       at::Tensor z = at::empty({x_.size(0), weight.size(0)}, x_.options());
       at::mm_out(z, input, weight.t());
       const bool identity = spec_.activations[l] == Activation::kIdentity;
-      at::Tensor a = identity ? z : at::empty_like(z);
+      bool from_output = false;
+      with_activation(spec_.activations[l], [&](auto activation) {
+        from_output = decltype(activation)::kDerivativeFromOutput;
+      });
+      at::Tensor a = from_output ? z : at::empty_like(z);
       const int64_t count = z.numel();
       if (count > 0 && (spec_.has_bias[l] || !identity)) {
         const T* bias = spec_.has_bias[l] ? params_[p + 1].data_ptr<T>() : nullptr;

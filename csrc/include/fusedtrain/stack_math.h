@@ -28,11 +28,13 @@ enum class Loss : int64_t {
 
 // forward(z, p): the activation of a pre-activation z (p: LeakyReLU's negative slope).
 // derivative(z, a, p): dA/dZ at z, where a = forward(z, p) is at hand too.
+// kDerivativeFromOutput: derivative reads a alone, so a kernel may write a over z and keep one buffer.
 template <Activation kAct>
 struct Act;
 
 template <>
 struct Act<Activation::kIdentity> {
+  static constexpr bool kDerivativeFromOutput = true;
   template <typename T> FT_INLINE T forward(T z, T) { return z; }
   template <typename T> FT_INLINE T derivative(T, T, T) { return T(1); }
 };
@@ -41,12 +43,14 @@ struct Act<Activation::kIdentity> {
 // <= 0 (so it passes at a NaN, and not at z == 0).
 template <>
 struct Act<Activation::kRelu> {
+  static constexpr bool kDerivativeFromOutput = true;
   template <typename T> FT_INLINE T forward(T z, T) { return z <= T(0) ? T(0) : z; }
   template <typename T> FT_INLINE T derivative(T, T a, T) { return a <= T(0) ? T(0) : T(1); }
 };
 
 template <>
 struct Act<Activation::kLeakyRelu> {
+  static constexpr bool kDerivativeFromOutput = false;
   template <typename T> FT_INLINE T forward(T z, T slope) { return z > T(0) ? z : z * slope; }
   template <typename T> FT_INLINE T derivative(T z, T, T slope) { return z > T(0) ? T(1) : slope; }
 };
@@ -54,6 +58,7 @@ struct Act<Activation::kLeakyRelu> {
 // tanh' = 1 - tanh^2, from the output as torch's tanh_backward.
 template <>
 struct Act<Activation::kTanh> {
+  static constexpr bool kDerivativeFromOutput = true;
   template <typename T> FT_INLINE T forward(T z, T) { return std::tanh(z); }
   template <typename T> FT_INLINE T derivative(T, T a, T) { return T(1) - a * a; }
 };
@@ -61,6 +66,7 @@ struct Act<Activation::kTanh> {
 // sigmoid' = s (1 - s), from the output as torch's sigmoid_backward.
 template <>
 struct Act<Activation::kSigmoid> {
+  static constexpr bool kDerivativeFromOutput = true;
   template <typename T> FT_INLINE T forward(T z, T) { return T(1) / (T(1) + std::exp(-z)); }
   template <typename T> FT_INLINE T derivative(T, T a, T) { return a * (T(1) - a); }
 };
@@ -68,6 +74,7 @@ struct Act<Activation::kSigmoid> {
 // GELU(z) = z Phi(z) = z/2 (1 + erf(z / sqrt 2));  GELU'(z) = Phi(z) + z phi(z).
 template <>
 struct Act<Activation::kGelu> {
+  static constexpr bool kDerivativeFromOutput = false;
   template <typename T> FT_INLINE T forward(T z, T) {
     return T(0.5) * z * (T(1) + std::erf(z * T(0.70710678118654752440)));
   }
@@ -82,6 +89,7 @@ struct Act<Activation::kGelu> {
 // derivative (1 + tanh u)/2 + z/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 z^2), as torch.
 template <>
 struct Act<Activation::kGeluTanh> {
+  static constexpr bool kDerivativeFromOutput = false;
   template <typename T> FT_INLINE T inner_tanh(T z) {
     return std::tanh(T(0.79788456080286535588) * (z + T(0.044715) * z * z * z));
   }
@@ -96,6 +104,7 @@ struct Act<Activation::kGeluTanh> {
 // SiLU(z) = z s(z);  SiLU'(z) = s(z) (1 + z (1 - s(z))), as torch's silu_backward.
 template <>
 struct Act<Activation::kSilu> {
+  static constexpr bool kDerivativeFromOutput = false;
   template <typename T> FT_INLINE T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
   template <typename T> FT_INLINE T forward(T z, T) { return z * sigmoid(z); }
   template <typename T> FT_INLINE T derivative(T z, T, T) {
