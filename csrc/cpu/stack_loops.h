@@ -78,41 +78,14 @@ struct Register<double> { typedef double type __attribute__((vector_size(FT_VECT
 template <typename T>
 constexpr int64_t kTileCols = 2 * FT_VECTOR_BYTES / sizeof(T);
 
-// What small_gemm does with each finished sum v of C(m, n), at c[i] with i = m * c_row + n * c_col:
-// store it (Store); store it and its activation at y[i] (the forward's z and y, StoreActivated);
-// or store it times the activation's derivative at z[i], y[i] (the backward's g_below,
-// StoreTimesDerivative). So no layer takes a second pass over its outputs.
-struct Store {
-  template <typename T>
-  void operator()(T* c, int64_t i, T v) const { c[i] = v; }
-};
-
-template <typename T, typename Act>
-struct StoreActivated {
-  T* y;
-  T param;
-  void operator()(T* c, int64_t i, T v) const {
-    c[i] = v;
-    y[i] = Act::forward(v, param);
-  }
-};
-
-template <typename T, typename Act>
-struct StoreTimesDerivative {
-  const T* z;
-  const T* y;
-  T param;
-  void operator()(T* c, int64_t i, T v) const { c[i] = v * Act::derivative(z[i], y[i], param); }
-};
-
 template <typename T>
 T gemm_init(const SmallGemm<T>& g, int64_t m, int64_t n) {
   return g.init_row != nullptr ? g.init_row[n] : g.accumulate ? g.c[m * g.c_row + n * g.c_col] : T(0);
 }
 
 // The tile of kRows rows from m0 and kTileCols columns from n0 of C.
-template <typename T, int64_t kRows, typename Epilogue>
-void small_gemm_tile(const SmallGemm<T>& g, int64_t m0, int64_t n0, const Epilogue& store) {
+template <typename T, int64_t kRows>
+void small_gemm_tile(const SmallGemm<T>& g, int64_t m0, int64_t n0) {
   using V = typename Register<T>::type;
   constexpr int64_t kLanes = FT_VECTOR_BYTES / sizeof(T);
   V lo[kRows], hi[kRows];
@@ -137,26 +110,26 @@ void small_gemm_tile(const SmallGemm<T>& g, int64_t m0, int64_t n0, const Epilog
     }
   }
   for (int64_t i = 0; i < kRows; ++i) {
-    const int64_t c = (m0 + i) * g.c_row + n0 * g.c_col;
+    T* c = g.c + (m0 + i) * g.c_row + n0 * g.c_col;
     for (int64_t j = 0; j < kLanes; ++j) {
-      store(g.c, c + j * g.c_col, lo[i][j]);
-      store(g.c, c + (kLanes + j) * g.c_col, hi[i][j]);
+      c[j * g.c_col] = lo[i][j];
+      c[(kLanes + j) * g.c_col] = hi[i][j];
     }
   }
 }
 
-template <typename T, typename Epilogue = Store>
-void small_gemm(const SmallGemm<T>& g, const Epilogue& store = {}) {
+template <typename T>
+void small_gemm(const SmallGemm<T>& g) {
   constexpr int64_t kCols = kTileCols<T>;
   for (int64_t m0 = 0; m0 < g.rows; m0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, g.rows - m0);
     int64_t n0 = 0;
     for (; n0 + kCols <= g.cols; n0 += kCols) {
       switch (rows) {
-        case 4: small_gemm_tile<T, 4>(g, m0, n0, store); break;
-        case 3: small_gemm_tile<T, 3>(g, m0, n0, store); break;
-        case 2: small_gemm_tile<T, 2>(g, m0, n0, store); break;
-        default: small_gemm_tile<T, 1>(g, m0, n0, store); break;
+        case 4: small_gemm_tile<T, 4>(g, m0, n0); break;
+        case 3: small_gemm_tile<T, 3>(g, m0, n0); break;
+        case 2: small_gemm_tile<T, 2>(g, m0, n0); break;
+        default: small_gemm_tile<T, 1>(g, m0, n0); break;
       }
     }
     // The last columns, fewer than a tile: the same sums, one output at a time.
@@ -164,28 +137,18 @@ void small_gemm(const SmallGemm<T>& g, const Epilogue& store = {}) {
       for (int64_t n = n0; n < g.cols; ++n) {
         T sum = gemm_init(g, m0 + i, n);
         for (int64_t p = 0; p < g.depth; ++p) sum += g.a[(m0 + i) * g.a_row + p * g.a_depth] * g.b[p * g.b_depth + n];
-        store(g.c, (m0 + i) * g.c_row + n * g.c_col, sum);
+        g.c[(m0 + i) * g.c_row + n * g.c_col] = sum;
       }
     }
   }
 }
 
-template <typename Act>
-constexpr bool kIsIdentity = std::is_same_v<Act, math::Act<math::Activation::kIdentity>>;
-
 // z = a W^T + b (wt = W^T, in x out): z starts at b and adds a_k W^T_k for k = 0, 1, ...;
-// y = act(z) as each element of z is stored (y == z for the identity).
+// then y = act(z) (y == z for the identity).
 template <typename T>
 void stack_forward(const StackLayer<T>& l, const T* a, int64_t rows, T* z, T* y) {
-  const SmallGemm<T> gemm{rows, l.out, l.in, a, l.in, 1, l.weight_t, l.out, z, l.out, 1, l.bias, false};
-  with_activation(l.activation, [&](auto act) {
-    using A = decltype(act);
-    if constexpr (kIsIdentity<A>) {
-      small_gemm(gemm);
-    } else {
-      small_gemm(gemm, StoreActivated<T, A>{y, l.activation_param});
-    }
-  });
+  small_gemm(SmallGemm<T>{rows, l.out, l.in, a, l.in, 1, l.weight_t, l.out, z, l.out, 1, l.bias, false});
+  stack_activate(l, z, rows * l.out, y);
 }
 
 // grad_weight += g^T a, summed over the rows in order, and grad_bias += the column sums of g (g:
@@ -211,15 +174,8 @@ void stack_weight_grad(const StackLayer<T>& l, const T* g, const T* a, int64_t r
 template <typename T>
 void stack_input_grad(const StackLayer<T>& l, const T* g, int64_t rows, const StackLayer<T>& below,
                       const T* z_below, const T* y_below, T* g_below) {
-  const SmallGemm<T> gemm{rows, l.in, l.out, g, l.out, 1, l.weight, l.in, g_below, l.in, 1, nullptr, false};
-  with_activation(below.activation, [&](auto act) {
-    using A = decltype(act);
-    if constexpr (kIsIdentity<A>) {
-      small_gemm(gemm);
-    } else {
-      small_gemm(gemm, StoreTimesDerivative<T, A>{z_below, y_below, below.activation_param});
-    }
-  });
+  small_gemm(SmallGemm<T>{rows, l.in, l.out, g, l.out, 1, l.weight, l.in, g_below, l.in, 1, nullptr, false});
+  stack_scale_by_derivative(below, z_below, y_below, rows * l.in, g_below);
 }
 
 // The loss of `rows` rows of the top layer's output y (pre-activation z) and its gradient with
