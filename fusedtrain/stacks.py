@@ -140,7 +140,9 @@ def _sequential_steps(module: nn.Module, prefix: str) -> list[_Step] | None:
     if type(module) is not nn.Sequential:
         return None
     steps = []
-    for name, child in module.named_children():
+    # _modules, not named_children(): a module placed twice (nn.Sequential(fc, act, fc)) runs
+    # twice, where named_children() yields it once.
+    for name, child in module._modules.items():
         path = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             inner = _sequential_steps(child, f"{path}.")

@@ -145,6 +145,23 @@ def test_a_module_applied_twice_is_two_layers_with_one_set_of_params(bias):
                                       Activation.IDENTITY]
 
 
+def test_a_module_placed_twice_in_a_sequential_is_two_layers():
+    """nn.Sequential(fc, act, fc) runs fc twice (named_children() lists it once)."""
+    torch.manual_seed(4)
+    fc = nn.Linear(5, 5)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), fc, nn.ReLU(), fc).double()
+    stack = stacks.describe(model)
+    assert stack.linears == (model[0], fc, fc)
+    assert stack.spec.layer_params == [0, 2, 2]
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    model.zero_grad()
+    want = nn.functional.mse_loss(model(x), y)
+    want.backward()
+    loss, grads = reference.stack_fwd_bwd(x, y, [p.detach() for p in stack.params()], *stack.spec)
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grads, [p.grad for p in stack.params()])
+
+
 class Residual(nn.Module):
     def __init__(self):
         super().__init__()
