@@ -447,14 +447,51 @@ def _loader_orders(loader: DataLoader, epochs: int) -> Tensor | None:
     every epoch takes all the rows in order."""
     in_order = type(loader.sampler) is SequentialSampler
     rows = len(loader.sampler) // loader.batch_size * loader.batch_size if loader.drop_last else len(loader.sampler)
+    draw = _random_sampler_order if not in_order and _random_sampler_is_reproduced() else None
     orders = []
     for _ in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         if not in_order:
-            orders.append(torch.tensor(list(loader.sampler), dtype=torch.int64)[:rows])
+            order = draw(loader.sampler) if draw else torch.tensor(list(loader.sampler), dtype=torch.int64)
+            orders.append(order[:rows])
     if in_order and loader.drop_last and epochs > 0:
         return torch.arange(rows).expand(epochs, rows)
     return torch.stack(orders) if orders else None
+
+
+def _random_sampler_order(sampler: RandomSampler) -> Tensor:
+    """What list(sampler) draws, as one tensor (a Python int per row costs more than the native
+    epoch's steps): RandomSampler without replacement over all rows draws one permutation for
+    them, then a second one that it slices to nothing (torch/utils/data/sampler.py; seeded from
+    the global generator when it has none of its own). _random_sampler_is_reproduced checks this
+    against the installed torch."""
+    n = len(sampler.data_source)
+    generator = sampler.generator
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    order = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)
+    return order
+
+
+@functools.cache
+def _random_sampler_is_reproduced() -> bool:
+    """Whether _random_sampler_order draws what iterating a RandomSampler draws and leaves its
+    generator (its own, or the global one) in the same state: checked once per process, so that
+    another torch's sampler falls back to being iterated."""
+    for own_generator in (True, False):
+        results = []
+        for draw in (lambda s: torch.tensor(list(s), dtype=torch.int64), _random_sampler_order):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(3)
+                generator = torch.Generator().manual_seed(5) if own_generator else None
+                order = draw(RandomSampler(range(11), generator=generator))
+                results.append((order, (generator or torch.default_generator).get_state()))
+        (want, want_state), (got, got_state) = results
+        if not (torch.equal(got, want) and torch.equal(got_state, want_state)):
+            return False
+    return True
 
 
 def _fit_by_batches(training: _Training, loader: DataLoader, epochs: int, val, progress: bool) -> FitHistory:

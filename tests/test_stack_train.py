@@ -207,10 +207,14 @@ def tutorial_data(n=1000, seed=0):
     {"shuffle": True}, {"shuffle": True, "drop_last": True}, {"shuffle": False},
     {"shuffle": True, "generator": "own"},
 ], ids=["shuffle", "shuffle-drop_last", "in-order", "shuffle-own-generator"])
-def test_tutorial_mlp_fit_on_a_dataloader_equals_the_stock_loop(loader_options):
+@pytest.mark.parametrize("sampler_drawn", ["as-a-tensor", "by-iterating"])
+def test_tutorial_mlp_fit_on_a_dataloader_equals_the_stock_loop(loader_options, sampler_drawn, monkeypatch):
     """5 epochs of the tutorial's SimpleModel, Adam, batches of 32 from a DataLoader: fit(loader)
     draws the very batches that iterating the loader draws, and lands on the stock loop's params
-    to fp32 rounding; the global RNG is left where the stock loop leaves it."""
+    to fp32 rounding; the global RNG is left where the stock loop leaves it. The same when a
+    RandomSampler's draw is not reproduced as a tensor and fit iterates the sampler instead."""
+    if sampler_drawn == "by-iterating":
+        monkeypatch.setattr(fusedtrain.train, "_random_sampler_is_reproduced", lambda: False)
     x, y = tutorial_data()
     torch.manual_seed(1)
     stock = SimpleModel()
