@@ -10,6 +10,9 @@
 #include "cpu/optim_cpu.h"
 #include "cpu/stack_cpu.h"
 #include "optim_python.h"
+#if defined(FUSEDTRAIN_WITH_CUDA)
+#include "cuda/stack_fit.h"
+#endif
 
 namespace fusedtrain {
 // The digest of the csrc/ this build compiled, defined in a file that the build generates
@@ -163,52 +166,77 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("nesterov", &SgdHyper::nesterov)
       .def_readwrite("maximize", &SgdHyper::maximize)
       .def_readwrite("first_step", &SgdHyper::first_step);
-  py::class_<cpu::FitData>(m, "FitData", "The rows, epochs and batches of one stack fit.")
+  py::class_<fusedtrain::FitData>(m, "FitData", "The rows, epochs and batches of one stack fit.")
       .def(py::init([](at::Tensor x, at::Tensor target, int64_t epochs, int64_t batch_size,
                        std::optional<at::Tensor> orders, std::optional<at::Generator> generator,
                        std::optional<at::Tensor> val_x, std::optional<at::Tensor> val_target) {
-             return cpu::FitData{std::move(x), std::move(target), epochs, batch_size, std::move(orders),
-                                 std::move(generator), std::move(val_x), std::move(val_target)};
+             return fusedtrain::FitData{std::move(x), std::move(target), epochs, batch_size,
+                                        std::move(orders), std::move(generator), std::move(val_x),
+                                        std::move(val_target)};
            }),
            py::arg("x"), py::arg("target"), py::arg("epochs"), py::arg("batch_size"), py::arg("orders"),
            py::arg("generator"), py::arg("val_x"), py::arg("val_target"));
-  // One train step of a stack (FusedTrainStep's eager path on the CPU): the ops' CPU kernels with
-  // the description and hyperparameters as the objects above, the lists borrowed from Python.
-  m.def(
-      "stack_adam_step_cpu",
-      [](const at::Tensor& x, const at::Tensor& target, py::handle params, const fusedtrain::StackSpec& spec,
-         py::handle exp_avgs, py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps,
-         const AdamHyper& hyper) {
-        constexpr const char* kName = "stack_adam_step_";
-        const BorrowedTensors p(params, kName, "params"), m1(exp_avgs, kName, "exp_avgs"),
-            m2(exp_avg_sqs, kName, "exp_avg_sqs"), m2_max(max_exp_avg_sqs, kName, "max_exp_avg_sqs"),
-            s(steps, kName, "steps");
-        py::gil_scoped_release release;
-        return cpu::stack_adam_step_cpu(x, target, p.list(), spec, m1.list(), m2.list(), m2_max.list(), s.list(),
-                                        hyper);
-      });
-  m.def(
-      "stack_sgd_step_cpu",
-      [](const at::Tensor& x, const at::Tensor& target, py::handle params, const fusedtrain::StackSpec& spec,
-         py::handle momentum_buffers, const SgdHyper& hyper) {
-        constexpr const char* kName = "stack_sgd_step_";
-        const BorrowedTensors p(params, kName, "params"), b(momentum_buffers, kName, "momentum_buffers");
-        py::gil_scoped_release release;
-        return cpu::stack_sgd_step_cpu(x, target, p.list(), spec, b.list(), hyper);
-      });
+  // The train steps of one stack with their buffers kept between calls (FusedTrainStep's eager
+  // path on the CPU): the lists borrowed from Python, the kernel run without the GIL.
+  py::class_<cpu::StackTrainer>(m, "StackTrainer", "Train steps of one stack (csrc/cpu/stack_cpu.h).")
+      .def(py::init<fusedtrain::StackSpec>(), py::arg("spec"))
+      .def("adam_step",
+           [](cpu::StackTrainer& trainer, const at::Tensor& x, const at::Tensor& target, py::handle params,
+              py::handle exp_avgs, py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps,
+              const AdamHyper& hyper) {
+             constexpr const char* kName = "stack_adam_step_";
+             const BorrowedTensors p(params, kName, "params"), m1(exp_avgs, kName, "exp_avgs"),
+                 m2(exp_avg_sqs, kName, "exp_avg_sqs"), m2_max(max_exp_avg_sqs, kName, "max_exp_avg_sqs"),
+                 s(steps, kName, "steps");
+             py::gil_scoped_release release;
+             return trainer.adam_step(x, target, p.list(), m1.list(), m2.list(), m2_max.list(), s.list(), hyper);
+           })
+      .def("sgd_step",
+           [](cpu::StackTrainer& trainer, const at::Tensor& x, const at::Tensor& target, py::handle params,
+              py::handle momentum_buffers, const SgdHyper& hyper) {
+             constexpr const char* kName = "stack_sgd_step_";
+             const BorrowedTensors p(params, kName, "params"), b(momentum_buffers, kName, "momentum_buffers");
+             py::gil_scoped_release release;
+             return trainer.sgd_step(x, target, p.list(), b.list(), hyper);
+           });
   m.def("stack_fit_adam_cpu",
-        [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+        [](const fusedtrain::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
            const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
            const Tensors& steps, const AdamHyper& hyper) {
           return cpu::stack_fit_adam_cpu(data, params, spec, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
         },
         py::call_guard<py::gil_scoped_release>());
   m.def("stack_fit_sgd_cpu",
-        [](const cpu::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+        [](const fusedtrain::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
            const Tensors& momentum_buffers, const SgdHyper& hyper) {
           return cpu::stack_fit_sgd_cpu(data, params, spec, momentum_buffers, hyper);
         },
         py::call_guard<py::gil_scoped_release>());
+#if defined(FUSEDTRAIN_WITH_CUDA)
+  // The whole fit of a small stack in one CUDA kernel launch (cuda/stack_fit.h), taking the same
+  // objects as the CPU loop; stack_fit_supported_cuda says whether a stack and batch size fit it.
+  m.def("stack_fit_supported_cuda",
+        [](const fusedtrain::StackSpec& spec, const Tensors& params, const at::Tensor& x, int64_t batch_size,
+           int64_t optimizer_state_lists) {
+          return fusedtrain::cuda::stack_fit_supported_cuda(spec, params, x, batch_size, optimizer_state_lists);
+        },
+        py::arg("spec"), py::arg("params"), py::arg("x"), py::arg("batch_size"), py::arg("optimizer_state_lists"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("stack_fit_adam_cuda",
+        [](const fusedtrain::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+           const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+           const Tensors& steps, const AdamHyper& hyper) {
+          return fusedtrain::cuda::stack_fit_adam_cuda(data, params, spec, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                       steps, hyper);
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("stack_fit_sgd_cuda",
+        [](const fusedtrain::FitData& data, const Tensors& params, const fusedtrain::StackSpec& spec,
+           const Tensors& momentum_buffers, const SgdHyper& hyper) {
+          return fusedtrain::cuda::stack_fit_sgd_cuda(data, params, spec, momentum_buffers, hyper);
+        },
+        py::call_guard<py::gil_scoped_release>());
+#endif
   m.def("has_cuda_kernels", [] {
 #if defined(FUSEDTRAIN_WITH_CUDA)
     return true;

@@ -8,9 +8,11 @@ state (the keys torch.optim uses), so state_dict, schedulers that change param_g
 going back to the stock loop all keep working.
 
 ``backend=`` ("auto", "native", "triton", "reference") picks the implementation as the optimizers
-do (fusedtrain._dispatch). Native on the CPU runs the whole loop in one call (stack_fit_*_cpu);
-every other backend loops in Python over its train-step op (stack_adam_step_ or stack_sgd_step_),
-one call per batch, with the same batches, shuffling, validation and history. Every backend
+do (fusedtrain._dispatch). Native on the CPU runs the whole loop in one call (stack_fit_*_cpu), and
+so does native on a GPU for a stack whose params, optimizer state and one batch fit a
+multiprocessor's shared memory (stack_fit_*_cuda, one kernel launch); every other case loops in
+Python over its train-step op (stack_adam_step_ or stack_sgd_step_), one call per batch, with the
+same batches, shuffling, validation and history. Every backend
 implements the stack ops; one nn.Linear under MSE is their depth-1 case, for which the native and
 Triton kernels keep the linear_mse kernels (one pass over x for narrow outputs).
 """
@@ -92,7 +94,8 @@ class _KeptNativeStep(NamedTuple):
     and state tensors) or by value (the hyperparameters), and verified again in a few C loops.
     The batch is checked by the kernel itself; one that it refuses takes the full path, which
     names the problem (or converts the batch: a target to broadcast, uint8 classes) before
-    anything is written. On the CPU the kernel is called without the dispatcher."""
+    anything is written. On the CPU the kernel is called without the dispatcher, through a
+    _C.StackTrainer that keeps the gradient buffers from one step to the next."""
 
     backend_env: str | None  # FUSEDTRAIN_BACKEND then
     group: dict
@@ -144,6 +147,7 @@ class _Training:
         self.resolve_backend()  # an unknown one, or one that cannot run here, fails now
         self._native_spec = _extension._C.StackSpec(*self.stack.spec) if _extension.native_available() else None
         self._kept_native_step: _KeptNativeStep | None = None
+        self._trainer = None  # _C.StackTrainer of the kept path on the CPU
 
     def step_op_name(self) -> str:
         return "stack_adam_step_" if self.adam else "stack_sgd_step_"
@@ -216,16 +220,17 @@ class _Training:
         state, new_buffers = self.state(hyper)
         if new_buffers:
             hyper = hyper._replace(first_step=True)
-        if backend == "native" and self.device.type == "cpu":
+        native_fit = self._native_fit(backend, x, batch_size, hyper)
+        if native_fit is not None:
             data = _extension._C.FitData(x, target, epochs, batch_size, orders, generator,
                                          val[0] if val else None, val[1] if val else None)
             with torch.no_grad():  # the params' memory is written; autograd records nothing
                 if self.adam:
-                    result = _extension._C.stack_fit_adam_cpu(data, self.params, self._native_spec, *state,
-                                                              _native(hyper, _extension._C.AdamHyper))
+                    result = native_fit(data, self.params, self._native_spec, *state,
+                                        _native(hyper, _extension._C.AdamHyper))
                 else:
-                    result = _extension._C.stack_fit_sgd_cpu(data, self.params, self._native_spec, state,
-                                                             _native(hyper, _extension._C.SgdHyper))
+                    result = native_fit(data, self.params, self._native_spec, state,
+                                        _native(hyper, _extension._C.SgdHyper))
         else:
             step, loss = self._step_functions(backend, state, hyper)
             with torch.no_grad():
@@ -238,6 +243,23 @@ class _Training:
         # that the schedule runs ahead of the optimizer.
         self.optimizer._opt_called = True
         return result
+
+    def _native_fit(self, backend: str, x: Tensor, batch_size: int, hyper) -> Callable | None:
+        """The native loop that runs the whole of run() in one call, if any: the CPU's, or on a
+        GPU the one-launch kernel when the params, optimizer state and one batch fit a
+        multiprocessor's shared memory (the orders, given or drawn from the generator on the host,
+        are the CPU loop's). Else None: one train-step op call per batch."""
+        if backend != "native":
+            return None
+        kind = "adam" if self.adam else "sgd"
+        if self.device.type == "cpu":
+            return getattr(_extension._C, f"stack_fit_{kind}_cpu")
+        if self.device.type != "cuda" or not hasattr(_extension._C, "stack_fit_supported_cuda"):
+            return None
+        state_lists = (3 if hyper.amsgrad else 2) if self.adam else (1 if hyper.momentum != 0 else 0)
+        if not _extension._C.stack_fit_supported_cuda(self._native_spec, self.params, x, batch_size, state_lists):
+            return None
+        return getattr(_extension._C, f"stack_fit_{kind}_cuda")
 
     def remember_native_step(self) -> None:
         """After a full step: keep what it checked for the next ones (see _KeptNativeStep), when
@@ -261,8 +283,9 @@ class _Training:
             lists = (state, _native(hyper, _extension._C.SgdHyper)) if on_cpu else (state, *hyper)
         params = self.params if on_cpu else [p.detach() for p in self.params]
         if on_cpu:
-            run, spec = (_extension._C.stack_adam_step_cpu if self.adam else _extension._C.stack_sgd_step_cpu,
-                         (self._native_spec,))
+            if self._trainer is None:  # kept as long as this object: its buffers serve every step
+                self._trainer = _extension._C.StackTrainer(self._native_spec)
+            run, spec = self._trainer.adam_step if self.adam else self._trainer.sgd_step, ()
         else:
             run, spec = getattr(torch.ops.fusedtrain, self.step_op_name()), self.stack.spec
         step = lambda x, y: run(x, y, params, *spec, *lists)  # noqa: E731
@@ -367,8 +390,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, X: Tensor | DataLoad
         val: tuple[Tensor, Tensor] | None = None, progress: bool = False,
         backend: str = "auto") -> FitHistory:
     """Trains a layer stack (see FusedTrainStep) on (X, Y), or on the batches of a DataLoader,
-    for ``epochs`` epochs, the whole loop in native code on the CPU (elsewhere, or with another
-    backend, one op call per batch). With tensors it equals the stock loop::
+    for ``epochs`` epochs, the whole loop in native code on the CPU, and in one kernel launch on a
+    GPU for a small stack (elsewhere, or with another backend, one op call per batch). With
+    tensors it equals the stock loop::
 
         for epoch in range(epochs):
             order = torch.randperm(len(X), generator=generator) if shuffle else torch.arange(len(X))

@@ -396,6 +396,8 @@ def test_repeated_fused_steps_follow_every_change_between_calls(optimizer, monke
         yield lambda: fused_opt.state.__setitem__(fused.fc1.weight, copy.deepcopy(fused_opt.state[fused.fc1.weight]))
         # one state tensor replaced in its dict
         yield lambda: [d.__setitem__(k, v.clone()) for d in list(fused_opt.state.values())[:1] for k, v in list(d.items())[:1]]
+        # a param's memory replaced (the kept buffers were built on the old one)
+        yield lambda: setattr(fused.fc2.weight, "data", fused.fc2.weight.data.clone())
         yield lambda: monkeypatch.setenv("FUSEDTRAIN_BACKEND", "reference")
         yield lambda: monkeypatch.delenv("FUSEDTRAIN_BACKEND")
         yield lambda: fused_opt.state.clear() or stock_opt.state.clear()

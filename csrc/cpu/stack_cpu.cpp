@@ -369,6 +369,13 @@ auto with_dtype(const at::Tensor& x, F&& f) {
 const void* target_data(const at::Tensor& target) { return target.data_ptr(); }
 
 // One batch: loss, then the update; in x's dtype.
+template <typename T, typename Updater>
+at::Tensor run_train_step(StackStep<T>& step, const at::Tensor& x, const at::Tensor& target, Updater& updater) {
+  const double loss = step.run(x.data_ptr<T>(), target_data(target), x.size(0), true);
+  updater.step(step.grad_pointers());
+  return at::scalar_tensor(loss, x.options());
+}
+
 template <typename Updater>
 at::Tensor train_step(const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList params,
                       const StackSpec& spec, Updater& updater) {
@@ -376,9 +383,7 @@ at::Tensor train_step(const at::Tensor& x_in, const at::Tensor& target_in, at::T
   return with_dtype(x, [&](auto zero) {
     using T = decltype(zero);
     StackStep<T> step(spec, params, x.size(1));
-    const double loss = step.run(x.data_ptr<T>(), target_data(target), x.size(0), true);
-    updater.step(step.grad_pointers());
-    return at::scalar_tensor(loss, x.options());
+    return run_train_step(step, x, target, updater);
   });
 }
 
@@ -531,6 +536,64 @@ std::tuple<at::Tensor, at::Tensor> stack_fit_sgd_cpu(const FitData& data, at::Te
   SgdUpdater updater(kOp, params, momentum_buffers, hyper);
   const at::NoGradGuard no_grad;
   return fit(kOp, data, params, spec, updater);
+}
+
+// The step a StackTrainer keeps, and the param memory it was built on.
+struct StackTrainer::Kept {
+  std::vector<const void*> params;
+  std::optional<StackStep<float>> f32;
+  std::optional<StackStep<double>> f64;
+
+  template <typename T>
+  std::optional<StackStep<T>>& of() {
+    if constexpr (std::is_same_v<T, float>) {
+      return f32;
+    } else {
+      return f64;
+    }
+  }
+};
+
+StackTrainer::StackTrainer(StackSpec spec) : spec_(std::move(spec)) {}
+StackTrainer::~StackTrainer() = default;
+
+template <typename Updater>
+at::Tensor StackTrainer::step(const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList params,
+                              Updater& updater) {
+  const at::Tensor x = x_in.contiguous(), target = target_in.contiguous();
+  return with_dtype(x, [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<const void*> memory;
+    for (const at::Tensor& p : params) memory.push_back(p.data_ptr());
+    if (!kept_ || kept_->params != memory || !kept_->template of<T>().has_value()) {
+      kept_.reset();  // the old buffers go before the new ones come
+      kept_ = std::make_unique<Kept>();
+      kept_->params = std::move(memory);
+      kept_->template of<T>().emplace(spec_, params, x.size(1));
+    }
+    return run_train_step(*kept_->template of<T>(), x, target, updater);
+  });
+}
+
+at::Tensor StackTrainer::adam_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& hyper) {
+  constexpr const char* kOp = "stack_adam_step_";
+  const std::lock_guard<std::mutex> lock(mutex_);
+  check_call(kOp, x, target, params, spec_);
+  AdamUpdater updater(kOp, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper);
+  const at::NoGradGuard no_grad;
+  return step(x, target, params, updater);
+}
+
+at::Tensor StackTrainer::sgd_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                                  at::TensorList momentum_buffers, const SgdHyper& hyper) {
+  constexpr const char* kOp = "stack_sgd_step_";
+  const std::lock_guard<std::mutex> lock(mutex_);
+  check_call(kOp, x, target, params, spec_);
+  SgdUpdater updater(kOp, params, momentum_buffers, hyper);
+  const at::NoGradGuard no_grad;
+  return step(x, target, params, updater);
 }
 
 namespace {

@@ -3,13 +3,15 @@
 // of fusedtrain.fit over a stack.
 #pragma once
 
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
 
-#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include "../fit_data.h"
 #include "../stack_spec.h"
 #include "param_update.h"
 
@@ -31,19 +33,6 @@ at::Tensor stack_sgd_step_cpu(const at::Tensor& x, const at::Tensor& target, at:
                               const StackSpec& spec, at::TensorList momentum_buffers,
                               const SgdHyper& hyper);
 
-// The rows of one fit: x (N, in) and target, in batches of batch_size rows (0: the whole set).
-// Each epoch takes the rows in the order orders[epoch] ((epochs, M) int64, M <= N: a DataLoader's
-// drop_last leaves rows out), else in a new torch.randperm(N, generator), else in order 0..N-1.
-// An optional validation set is evaluated after each epoch.
-struct FitData {
-  at::Tensor x, target;
-  int64_t epochs;
-  int64_t batch_size;
-  std::optional<at::Tensor> orders;
-  std::optional<at::Generator> generator;
-  std::optional<at::Tensor> val_x, val_target;
-};
-
 // Trains params in place; returns (per-epoch mean batch loss, per-epoch validation loss or an
 // empty tensor), in x's dtype.
 std::tuple<at::Tensor, at::Tensor> stack_fit_adam_cpu(const FitData& data, at::TensorList params,
@@ -55,6 +44,30 @@ std::tuple<at::Tensor, at::Tensor> stack_fit_sgd_cpu(const FitData& data, at::Te
                                                      const StackSpec& spec,
                                                      at::TensorList momentum_buffers,
                                                      const SgdHyper& hyper);
+
+// The train steps of one stack, keeping their gradient buffers and workspace from one call to the
+// next (FusedTrainStep): a wide stack's gradients are as large as its weights, and allocating them
+// anew at every step costs a page fault per 4 KiB. Each call checks its arguments as the ops do,
+// and builds the buffers again when the params' memory or dtype has changed. One call at a time.
+class StackTrainer {
+ public:
+  explicit StackTrainer(StackSpec spec);
+  ~StackTrainer();
+  at::Tensor adam_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                       at::TensorList steps, const AdamHyper& hyper);
+  at::Tensor sgd_step(const at::Tensor& x, const at::Tensor& target, at::TensorList params,
+                      at::TensorList momentum_buffers, const SgdHyper& hyper);
+
+ private:
+  struct Kept;
+  template <typename Updater>
+  at::Tensor step(const at::Tensor& x, const at::Tensor& target, at::TensorList params, Updater& updater);
+
+  StackSpec spec_;
+  std::unique_ptr<Kept> kept_;
+  std::mutex mutex_;
+};
 
 }  // namespace cpu
 }  // namespace fusedtrain
