@@ -407,11 +407,13 @@ std::tuple<at::Tensor, at::Tensor> fit(const char* op, const FitData& d, at::Ten
     StackStep<T> step(spec, params, d.x.size(1));
     at::Tensor train_losses = at::empty({d.epochs}, d.x.options());
     at::Tensor val_losses = at::empty({d.val_x.has_value() ? d.epochs : 0}, d.x.options());
-    // The gathered rows of a shuffled batch, reused from batch to batch.
+    // The gathered rows of a shuffled batch, reused from batch to batch (none in order: the batches
+    // are x's own rows, and a full batch of a large x would double its memory).
     const int64_t in = d.x.size(1), target_width = classes ? 1 : d.target.size(1);
-    std::vector<T> batch_x(static_cast<size_t>(batch * in));
-    std::vector<T> batch_values(classes ? 0 : static_cast<size_t>(batch * target_width));
-    std::vector<int64_t> batch_classes(classes ? static_cast<size_t>(batch) : 0);
+    const int64_t gathered = d.orders.has_value() || d.generator.has_value() ? batch : 0;
+    std::vector<T> batch_x(static_cast<size_t>(gathered * in));
+    std::vector<T> batch_values(classes ? 0 : static_cast<size_t>(gathered * target_width));
+    std::vector<int64_t> batch_classes(classes ? static_cast<size_t>(gathered) : 0);
     const at::Tensor orders = d.orders.has_value() ? d.orders->contiguous() : at::Tensor();
     for (int64_t epoch = 0; epoch < d.epochs; ++epoch) {
       const at::Tensor order = orders.defined() ? orders[epoch]
