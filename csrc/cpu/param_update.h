@@ -17,6 +17,20 @@
 namespace fusedtrain {
 namespace cpu {
 
+// run(t, begin, end) over every element of every param: small params (a tutorial MLP's, stepped
+// thousands of times in a loop) one after another, with no chunk table to build; large ones in
+// the multi-tensor launcher's one parallel region over all of them.
+template <typename Run>
+void for_each_param_range(const std::vector<int64_t>& numels, const Run& run) {
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  if (total >= kMinParallelElements) {
+    for_each_chunk(numels, run);
+    return;
+  }
+  for (size_t t = 0; t < numels.size(); ++t) run(static_cast<int64_t>(t), 0, numels[t]);
+}
+
 // A state tensor that the loops address by raw pointer beside its param.
 inline void check_contiguous_state(const char* op, at::TensorList params, at::TensorList state) {
   for (size_t i = 0; i < params.size(); ++i) {
@@ -83,9 +97,7 @@ class AdamUpdater {
       tensor.coeffs_f32 = coeffs_f32_;
       tensor.coeffs_f64 = coeffs_f64_;
     }
-    // All params in one parallel region, as adam_step_ runs them (a wide stack's update is as
-    // large as its GEMMs' output).
-    for_each_chunk(numels_, [&](int64_t t, int64_t begin, int64_t end) {
+    for_each_param_range(numels_, [&](int64_t t, int64_t begin, int64_t end) {
       kernels.adam(options, tensors_[t], begin, end);
     });
   }
@@ -130,7 +142,7 @@ class SgdUpdater {
                                                            h_.weight_decay, h_.maximize)};
     const IsaKernels& kernels = active_kernels();
     for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].grad = grads[i];
-    for_each_chunk(numels_, [&](int64_t t, int64_t begin, int64_t end) {
+    for_each_param_range(numels_, [&](int64_t t, int64_t begin, int64_t end) {
       kernels.sgd(options, tensors_[t], begin, end);
     });
     h_.first_step = false;  // the buffers exist from now on
