@@ -1,7 +1,9 @@
 // The device side of the one-launch narrow-stack train step (the design: stack_narrow_cuda.cu,
-// which launches it): the kernel's arguments, its per-layer loops, the optimizer updates and the
-// kernel body. Written against CUDA's built-ins only, so that csrc/tests/test_narrow_kernel.cpp
-// can run the same body on CPU threads (csrc/tests/emulation) and check it without a GPU.
+// which launches it): the kernel's arguments, its per-layer loops, a tile's forward and backward,
+// the optimizer updates and the kernel body. The one-launch fit (stack_fit_kernel.cuh) runs the
+// same tiles and updates. Written against CUDA's built-ins only, so that
+// csrc/tests/test_narrow_kernel.cpp can run the same body on CPU threads (csrc/tests/emulation)
+// and check it without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -287,6 +289,68 @@ __device__ double loss_and_grad(const NarrowArgs<T>& a, Act act, T p, int64_t fi
   return total;
 }
 
+// The forward of a tile whose `rows` rows of x are in shared memory (layout.input): every layer's
+// z and output. ensure_staged(l) makes layer l's weights available in their slot (nothing to do
+// when they are resident). Ends with the block synchronised.
+template <typename T, typename Staging>
+__device__ void forward_tile(const NarrowArgs<T>& a, T* shared, int rows, Staging&& ensure_staged) {
+  const NarrowLayout& s = a.layout;
+  for (int l = 0; l < s.layers; ++l) {
+    ensure_staged(l);
+    __syncthreads();
+    const int in = static_cast<int>(s.in[l]), out = static_cast<int>(s.out[l]);
+    const T* w = shared + s.weight[l];
+    const T* bias = a.layer[l].has_bias ? w + out * narrow_pitch(in) : nullptr;
+    const T* a_in = l == 0 ? shared + s.input : shared + s.a[l - 1];
+    with_activation(a.layer[l].activation, [&](auto act) {
+      forward_layer(act, a.layer[l].activation_param, a_in, w, bias, in, out, rows, shared + s.z[l],
+                    shared + s.a[l]);
+    });
+  }
+  __syncthreads();
+}
+
+// After forward_tile: the top layer's dloss/dz for the tile's rows (their targets from row
+// `first` of a.target on) into its gradient buffer; returns this thread's share of the rows' loss.
+template <typename T>
+__device__ double tile_loss_and_grad(const NarrowArgs<T>& a, T* shared, int64_t first, int rows, T scale) {
+  const NarrowLayout& s = a.layout;
+  const int top = s.layers - 1;
+  double loss = 0.0;
+  with_activation(a.layer[top].activation, [&](auto act) {
+    loss = loss_and_grad(a, act, a.layer[top].activation_param, first, rows, static_cast<int>(s.out[top]),
+                         shared + s.z[top], shared + s.a[top], scale, shared + s.grad[top % 2]);
+  });
+  return loss;
+}
+
+// After tile_loss_and_grad: every layer's dW and db for the tile's rows added into `partial` (all
+// params' gradients, laid out as a.params.offset), top down, each layer's dloss/dz passed to the
+// one below through W and its activation's derivative.
+template <typename T, typename Staging>
+__device__ void backward_tile(const NarrowArgs<T>& a, T* shared, int rows, T* partial, Staging&& ensure_staged) {
+  const NarrowLayout& s = a.layout;
+  for (int l = s.layers - 1; l >= 0; --l) {
+    __syncthreads();  // layer l's g is complete
+    if (l > 0) {
+      ensure_staged(l);
+      __syncthreads();
+    }
+    const int in = static_cast<int>(s.in[l]), out = static_cast<int>(s.out[l]);
+    const T* g = shared + s.grad[l % 2];
+    const NarrowLayer<T>& layer = a.layer[l];
+    weight_grad(g, l == 0 ? shared + s.input : shared + s.a[l - 1], in, out, rows,
+                partial + a.params.offset[layer.param],
+                layer.has_bias ? partial + a.params.offset[layer.param + 1] : nullptr);
+    if (l == 0) break;
+    const NarrowLayer<T>& below = a.layer[l - 1];
+    with_activation(below.activation, [&](auto act) {
+      input_grad(act, below.activation_param, g, shared + s.weight[l], in, out, rows, shared + s.z[l - 1],
+                 shared + s.a[l - 1], shared + s.grad[(l - 1) % 2]);
+    });
+  }
+}
+
 // Adam / AdamW on every param, each with its own state and step count.
 template <typename T>
 struct NarrowAdam {
@@ -310,12 +374,14 @@ struct NarrowAdam {
     }
   }
 
-  __device__ void apply(const ParamTable<T>& params, const Shared& s, const T* partials, int64_t width,
-                        int64_t parts, int lanes) const {
+  // for_each_gradient(f) calls f(e, the gradient of element e) for the elements this thread
+  // updates (e indexes all params' elements, as params.offset).
+  template <typename ForEachGradient>
+  __device__ void apply(const ParamTable<T>& params, const Shared& s, ForEachGradient&& for_each_gradient) const {
     device_flag(h.amsgrad, [&](auto amsgrad) {
       device_flag(h.weight_decay != 0.0 && !h.decoupled, [&](auto coupled) {
         constexpr bool kAmsgrad = decltype(amsgrad)::value;
-        grid_sum_parts(partials, width, parts, lanes, [&](int64_t e, T grad) {
+        for_each_gradient([&](int64_t e, T grad) {
           const int i = params.index_of(e);
           const int64_t j = e - params.offset[i];
           T param = params.data[i][j], m = exp_avg[i][j], v = exp_avg_sq[i][j];
@@ -333,6 +399,14 @@ struct NarrowAdam {
   __device__ void finish(const ParamTable<T>& params) const {
     for (int i = 0; i < params.count; ++i) *step[i] += 1.0f;
   }
+
+  // The state lists, one pointer per param each (the fit kernel, stack_fit_kernel.cuh, points
+  // them into shared memory), and the update of the step after this one (the step counts moved
+  // in finish()).
+  __device__ int state_lists() const { return h.amsgrad ? 3 : 2; }
+  __device__ T** state_list(int k) { return k == 0 ? exp_avg : (k == 1 ? exp_avg_sq : max_exp_avg_sq); }
+  __device__ T* const* state_list(int k) const { return k == 0 ? exp_avg : (k == 1 ? exp_avg_sq : max_exp_avg_sq); }
+  __device__ void advance() {}
 };
 
 // SGD on every param. Its coefficients depend on nothing on the device: the host folds them.
@@ -346,12 +420,13 @@ struct NarrowSgd {
 
   __device__ void prepare(const ParamTable<T>&, Shared&) const {}
 
-  __device__ void apply(const ParamTable<T>& params, const Shared&, const T* partials, int64_t width,
-                        int64_t parts, int lanes) const {
+  // for_each_gradient as NarrowAdam::apply's.
+  template <typename ForEachGradient>
+  __device__ void apply(const ParamTable<T>& params, const Shared&, ForEachGradient&& for_each_gradient) const {
     const auto run = [&](auto decay_flag, auto momentum_flag, auto first_flag, auto nesterov_flag) {
       constexpr bool kMomentum = decltype(momentum_flag)::value;
       constexpr bool kFirstStep = decltype(first_flag)::value;
-      grid_sum_parts(partials, width, parts, lanes, [&](int64_t e, T grad) {
+      for_each_gradient([&](int64_t e, T grad) {
         const int i = params.index_of(e);
         const int64_t j = e - params.offset[i];
         T param = params.data[i][j];
@@ -375,6 +450,12 @@ struct NarrowSgd {
   }
 
   __device__ void finish(const ParamTable<T>&) const {}
+
+  // As NarrowAdam's: after a step, the momentum buffers hold a value.
+  __device__ int state_lists() const { return momentum ? 1 : 0; }
+  __device__ T** state_list(int) { return momentum_buffer; }
+  __device__ T* const* state_list(int) const { return momentum_buffer; }
+  __device__ void advance() { first_step = false; }
 };
 
 // A block's scalars in shared memory: warp partial sums, the kept rows of cross entropy, and
@@ -450,43 +531,9 @@ __device__ void run_narrow_step(const NarrowArgs<T>& a, const Update& update, T*
     for (int e = threadIdx.x; e < rows * in0; e += kThreads) {
       input[(e / in0) * narrow_pitch(in0) + e % in0] = a.x[first * in0 + e];
     }
-    for (int l = 0; l < layers; ++l) {
-      ensure_staged(l);
-      __syncthreads();
-      const int in = static_cast<int>(s.in[l]), out = static_cast<int>(s.out[l]);
-      const T* w = shared + s.weight[l];
-      const T* bias = a.layer[l].has_bias ? w + out * narrow_pitch(in) : nullptr;
-      const T* a_in = l == 0 ? input : shared + s.a[l - 1];
-      with_activation(a.layer[l].activation, [&](auto act) {
-        forward_layer(act, a.layer[l].activation_param, a_in, w, bias, in, out, rows, shared + s.z[l],
-                      shared + s.a[l]);
-      });
-    }
-    __syncthreads();
-    const int top = layers - 1;
-    with_activation(a.layer[top].activation, [&](auto act) {
-      loss += loss_and_grad(a, act, a.layer[top].activation_param, first, rows, static_cast<int>(s.out[top]),
-                            shared + s.z[top], shared + s.a[top], scale, shared + s.grad[top % 2]);
-    });
-    for (int l = top; l >= 0; --l) {
-      __syncthreads();  // layer l's g is complete
-      if (l > 0) {
-        ensure_staged(l);
-        __syncthreads();
-      }
-      const int in = static_cast<int>(s.in[l]), out = static_cast<int>(s.out[l]);
-      const T* g = shared + s.grad[l % 2];
-      const NarrowLayer<T>& layer = a.layer[l];
-      weight_grad(g, l == 0 ? input : shared + s.a[l - 1], in, out, rows,
-                  partial + a.params.offset[layer.param],
-                  layer.has_bias ? partial + a.params.offset[layer.param + 1] : nullptr);
-      if (l == 0) break;
-      const NarrowLayer<T>& below = a.layer[l - 1];
-      with_activation(below.activation, [&](auto act) {
-        input_grad(act, below.activation_param, g, shared + s.weight[l], in, out, rows, shared + s.z[l - 1],
-                   shared + s.a[l - 1], shared + s.grad[(l - 1) % 2]);
-      });
-    }
+    forward_tile(a, shared, rows, ensure_staged);
+    loss += tile_loss_and_grad(a, shared, first, rows, scale);
+    backward_tile(a, shared, rows, partial, ensure_staged);
   }
 
   const double block_loss = block_sum(loss, warp_losses);
@@ -496,7 +543,9 @@ __device__ void run_narrow_step(const NarrowArgs<T>& a, const Update& update, T*
   // whatever prepare() read.
   grid.sync();
 
-  update.apply(a.params, update_shared, a.partials, width, gridDim.x, a.gradient_lanes);
+  update.apply(a.params, update_shared, [&](auto&& f) {
+    grid_sum_parts(a.partials, width, static_cast<int64_t>(gridDim.x), a.gradient_lanes, f);
+  });
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     double total = 0.0;
     for (unsigned int b = 0; b < gridDim.x; ++b) total += __ldcg(a.block_losses + b);
