@@ -11,22 +11,7 @@ namespace fusedtrain {
 namespace cpu {
 namespace FT_ISA_NAMESPACE {
 
-// f(Act<kAct>{}) for a runtime activation code.
-template <typename F>
-void with_activation(math::Activation act, F&& f) {
-  using math::Act;
-  using math::Activation;
-  switch (act) {
-    case Activation::kIdentity: f(Act<Activation::kIdentity>{}); break;
-    case Activation::kRelu: f(Act<Activation::kRelu>{}); break;
-    case Activation::kLeakyRelu: f(Act<Activation::kLeakyRelu>{}); break;
-    case Activation::kTanh: f(Act<Activation::kTanh>{}); break;
-    case Activation::kSigmoid: f(Act<Activation::kSigmoid>{}); break;
-    case Activation::kGelu: f(Act<Activation::kGelu>{}); break;
-    case Activation::kGeluTanh: f(Act<Activation::kGeluTanh>{}); break;
-    case Activation::kSilu: f(Act<Activation::kSilu>{}); break;
-  }
-}
+using math::with_activation;
 
 // y = act(z) elementwise (nothing for the identity, where y is z).
 template <typename T>

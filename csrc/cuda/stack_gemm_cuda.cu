@@ -180,20 +180,7 @@ __global__ void finish_loss(const double* block_losses, int blocks, double count
   if (threadIdx.x == 0) *loss = static_cast<T>(total / (kept != nullptr ? *kept : count));
 }
 
-// f(Act<a>{}) for the activation code a.
-template <typename F>
-void with_activation(Activation activation, F&& f) {
-  switch (activation) {
-    case Activation::kIdentity: f(Act<Activation::kIdentity>{}); break;
-    case Activation::kRelu: f(Act<Activation::kRelu>{}); break;
-    case Activation::kLeakyRelu: f(Act<Activation::kLeakyRelu>{}); break;
-    case Activation::kTanh: f(Act<Activation::kTanh>{}); break;
-    case Activation::kSigmoid: f(Act<Activation::kSigmoid>{}); break;
-    case Activation::kGelu: f(Act<Activation::kGelu>{}); break;
-    case Activation::kGeluTanh: f(Act<Activation::kGeluTanh>{}); break;
-    case Activation::kSilu: f(Act<Activation::kSilu>{}); break;
-  }
-}
+using math::with_activation;
 
 template <typename T>
 class GemmStack {

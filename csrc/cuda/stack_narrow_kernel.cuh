@@ -37,21 +37,7 @@ __device__ __forceinline__ int tile_rows(int64_t tile, int rows_per_tile, int64_
   return static_cast<int>(left < rows_per_tile ? left : rows_per_tile);
 }
 
-// f(Act<kAct>{}) for a runtime activation code (the same code in every thread: no divergence).
-template <typename F>
-__device__ __forceinline__ void with_activation(Activation act, F&& f) {
-  using math::Act;
-  switch (act) {
-    case Activation::kIdentity: f(Act<Activation::kIdentity>{}); break;
-    case Activation::kRelu: f(Act<Activation::kRelu>{}); break;
-    case Activation::kLeakyRelu: f(Act<Activation::kLeakyRelu>{}); break;
-    case Activation::kTanh: f(Act<Activation::kTanh>{}); break;
-    case Activation::kSigmoid: f(Act<Activation::kSigmoid>{}); break;
-    case Activation::kGelu: f(Act<Activation::kGelu>{}); break;
-    case Activation::kGeluTanh: f(Act<Activation::kGeluTanh>{}); break;
-    case Activation::kSilu: f(Act<Activation::kSilu>{}); break;
-  }
-}
+using math::with_activation;
 
 // f(std::true_type{}) or f(std::false_type{}), on the device.
 template <typename F>

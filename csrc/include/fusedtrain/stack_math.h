@@ -113,6 +113,22 @@ struct Act<Activation::kSilu> {
   }
 };
 
+// f(Act<a>{}) for a runtime activation code a: the element loops are instantiated per activation
+// and the switch runs once per loop (on a GPU the code is the same in every thread: no divergence).
+template <typename F>
+FT_INLINE void with_activation(Activation activation, F&& f) {
+  switch (activation) {
+    case Activation::kIdentity: f(Act<Activation::kIdentity>{}); break;
+    case Activation::kRelu: f(Act<Activation::kRelu>{}); break;
+    case Activation::kLeakyRelu: f(Act<Activation::kLeakyRelu>{}); break;
+    case Activation::kTanh: f(Act<Activation::kTanh>{}); break;
+    case Activation::kSigmoid: f(Act<Activation::kSigmoid>{}); break;
+    case Activation::kGelu: f(Act<Activation::kGelu>{}); break;
+    case Activation::kGeluTanh: f(Act<Activation::kGeluTanh>{}); break;
+    case Activation::kSilu: f(Act<Activation::kSilu>{}); break;
+  }
+}
+
 // Regression heads on a residual r = prediction - target, p the loss's parameter (SmoothL1's beta,
 // Huber's delta): value(r, p) is the element's loss, grad(r, p) its derivative in r. The caller
 // scales the gradient by 1/R (R = N * out under "mean", 1 under "sum").
