@@ -126,16 +126,9 @@ void check_call(const char* op, const at::Tensor& x, const at::Tensor& target, a
 // What the CPU loop checks (stack_cpu.cpp's check_fit and fit), on the CUDA device; the rows of
 // orders on the CPU too (on the device the kernel checks them).
 void check_fit(const char* op, const FitData& d, at::TensorList params, const StackSpec& spec) {
-  check_call(op, d.x, d.target, params, spec);
-  TORCH_CHECK_VALUE(d.x.is_contiguous() && d.target.is_contiguous(), op, ": x and target must be contiguous");
-  TORCH_CHECK_VALUE(d.epochs >= 0, op, ": epochs must be >= 0, got ", d.epochs);
-  TORCH_CHECK_VALUE(d.batch_size >= 0, op, ": batch_size must be >= 0 (0: the whole set), got ", d.batch_size);
-  TORCH_CHECK_VALUE(d.val_x.has_value() == d.val_target.has_value(), op, ": val_x and val_target come together");
-  if (d.val_x.has_value()) {
-    check_call(op, *d.val_x, *d.val_target, params, spec);
-    TORCH_CHECK_VALUE(d.val_x->is_contiguous() && d.val_target->is_contiguous(), op,
-                      ": val_x and val_target must be contiguous");
-  }
+  check_fit_data(op, d, [&](const at::Tensor& x, const at::Tensor& target) {
+    check_call(op, x, target, params, spec);
+  });
   const int64_t n = d.x.size(0);
   if (!d.orders.has_value()) return;
   const at::Tensor& orders = *d.orders;
