@@ -6,18 +6,15 @@ batch, orders that leave rows out (drop_last), rows in order, per-epoch losses, 
 the Adam and SGD state carried from step to step. The GPU runs the same body:
 tests/test_cuda_stack_fit.py."""
 
-import subprocess
-
 import pytest
 import torch
 from torch import nn
 
+from emulated_harness import (COMPILER, TOLERANCES, build_harness, numbers, params_and_state, run_harness,
+                              stack_lines, update_lines)
 from fusedtrain import _extension
 from fusedtrain.stacks import Activation
 from test_cuda_stack_narrow import CRITERIA, Run, make_target, mlp
-from test_narrow_kernel_emulated import COMPILER, ROOT, numbers
-
-TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 pytestmark = [pytest.mark.skipif(COMPILER is None, reason="no C++ compiler"),
               pytest.mark.skipif(not _extension.native_available(), reason="needs the native extension")]
@@ -25,15 +22,7 @@ pytestmark = [pytest.mark.skipif(COMPILER is None, reason="no C++ compiler"),
 
 @pytest.fixture(scope="module")
 def fit_kernel(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("fit") / "test_fit_kernel"
-    # -O0: the emulated runs wait on barriers, not on arithmetic; the build is what costs.
-    result = subprocess.run(
-        [COMPILER, "-std=c++20", "-O0", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-pthread",
-         f"-I{ROOT / 'csrc' / 'tests' / 'emulation'}", f"-I{ROOT / 'csrc' / 'include'}",
-         str(ROOT / "csrc" / "tests" / "test_fit_kernel.cpp"), "-o", str(binary)],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return binary
+    return build_harness(tmp_path_factory.mktemp("fit"), "test_fit_kernel")
 
 
 def native_hyper(run):
@@ -59,49 +48,18 @@ def cpu_fit(run, x, target, epochs, batch_size, orders, val):
 def emulated_fit(binary, run, x, target, epochs, batch_size, orders, val):
     """The same fit through the emulated kernel: (train losses, val losses, [params then state]),
     fp64 tensors shaped like run's."""
-    spec, params = run.spec, run.params
-    widths = [x.shape[1]] + [params[i].shape[0] for i in spec.layer_params]
-    lines = [f"{params[0].element_size()} {0 if run.kind == 'adam' else 1}",
-             f"{x.shape[0]} {len(widths) - 1} {' '.join(map(str, widths))}"]
-    for bias, index, code, param in zip(spec.has_bias, spec.layer_params, spec.activations, spec.activation_params):
-        lines.append(f"{int(bias)} {index} {int(code)} {param!r}")
-    lines.append(f"{int(spec.loss)} {spec.reduction} {spec.loss_param!r} {spec.ignore_index} {spec.label_smoothing!r}")
-    lines.append(str(len(params)))
-    lines += [f"{p.numel()} {numbers(p)}" for p in params]
-    lines += [numbers(x), numbers(target)]
+    lines = [f"{run.params[0].element_size()} {0 if run.kind == 'adam' else 1}", *stack_lines(run, x, target)]
     rows_used = orders.shape[1] if orders is not None else x.shape[0]
     batch = min(batch_size, max(rows_used, 1)) if batch_size > 0 else max(rows_used, 1)  # the loops' batch
     lines.append(f"{epochs} {batch} {rows_used} {int(orders is not None)}")
     if orders is not None:
         lines.append(numbers(orders))
     lines += [f"{val[0].shape[0]}", numbers(val[0]), numbers(val[1])] if val else ["-1"]
-    h = run.hyper
-    if run.kind == "adam":
-        lines.append(" ".join(repr(float(h[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
-                     + f" {int(h['decoupled'])} {int(h['amsgrad'])} {int(h['maximize'])}")
-        exp_avgs, exp_avg_sqs, max_sqs, steps = run.state
-        for i in range(len(params)):
-            lines += [numbers(exp_avgs[i]), numbers(exp_avg_sqs[i])]
-            if h["amsgrad"]:
-                lines.append(numbers(max_sqs[i]))
-            lines.append(numbers(steps[i]))
-    else:
-        lines.append(" ".join(repr(float(h[k])) for k in ("lr", "momentum", "dampening", "weight_decay"))
-                     + f" {int(h['nesterov'])} {int(h['maximize'])} 1")
-        lines += [numbers(b) for b in run.state[0]]
-    result = subprocess.run([str(binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
-    rest = torch.tensor([float(v) for v in result.stdout.split()], dtype=torch.float64)
+    rest = run_harness(binary, lines + update_lines(run, first_step=True))
     train, rest = rest[:epochs], rest[epochs:]
     val_count = epochs if val else 0
     val_losses, rest = rest[:val_count], rest[val_count:]
-    shaped = []
-    for t in params + [t for group in run.state for t in group]:
-        shaped.append(rest[:t.numel()].reshape(t.shape))
-        rest = rest[t.numel():]
-    assert rest.numel() == 0
-    return train, val_losses, shaped
+    return train, val_losses, params_and_state(rest, run)
 
 
 def check(binary, model, criterion, optimizer, dtype, n, epochs, batch_size, rows_per_epoch=None, val_rows=0,

@@ -5,80 +5,30 @@ against fusedtrain.reference: its tiling, shared-memory layouts (resident and st
 masked tail tiles, per-block partial gradients, grid reduction, loss heads and optimizer updates
 are checked without a GPU. The GPU runs the same body: tests/test_cuda_stack_narrow.py."""
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from emulated_harness import (COMPILER, TOLERANCES, build_harness, params_and_state, run_harness, stack_lines,
+                              update_lines)
 from fusedtrain import reference
 from fusedtrain.stacks import Activation
 from test_cuda_stack_narrow import ACTIVATIONS, CRITERIA, OPTIMIZERS, Reused, Run, make_target, mlp
-
-ROOT = Path(__file__).resolve().parents[1]
-COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")
 def emulated_kernel(tmp_path_factory):
-    binary = tmp_path_factory.mktemp("narrow") / "test_narrow_kernel"
-    # -O0: the emulated runs wait on barriers, not on arithmetic; the build is what costs.
-    result = subprocess.run(
-        [COMPILER, "-std=c++20", "-O0", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-pthread",
-         f"-I{ROOT / 'csrc' / 'tests' / 'emulation'}", f"-I{ROOT / 'csrc' / 'include'}",
-         str(ROOT / "csrc" / "tests" / "test_narrow_kernel.cpp"), "-o", str(binary)],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return binary
-
-
-def numbers(values):
-    return " ".join(repr(float(v)) for v in torch.as_tensor(values).flatten().tolist())
+    return build_harness(tmp_path_factory.mktemp("narrow"), "test_narrow_kernel")
 
 
 def run_emulated(binary, run, x, target, blocks, tile_rows, resident):
     """One step of `run` (a Run on the CPU) through the emulated kernel; its loss, params and
     state as fp64 tensors shaped like run's."""
-    spec, params = run.spec, run.params
-    widths = [x.shape[1]] + [params[i].shape[0] for i in spec.layer_params]
-    lines = [f"{params[0].element_size()} {0 if run.kind == 'adam' else 1} {blocks} {tile_rows} {int(resident)}",
-             f"{x.shape[0]} {len(widths) - 1} {' '.join(map(str, widths))}"]
-    for bias, index, code, param in zip(spec.has_bias, spec.layer_params, spec.activations, spec.activation_params):
-        lines.append(f"{int(bias)} {index} {int(code)} {param!r}")
-    lines.append(f"{int(spec.loss)} {spec.reduction} {spec.loss_param!r} {spec.ignore_index} {spec.label_smoothing!r}")
-    lines.append(str(len(params)))
-    lines += [f"{p.numel()} {numbers(p)}" for p in params]
-    lines += [numbers(x), numbers(target)]
-    h = run.hyper
-    if run.kind == "adam":
-        lines.append(" ".join(repr(float(h[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
-                     + f" {int(h['decoupled'])} {int(h['amsgrad'])} {int(h['maximize'])}")
-        exp_avgs, exp_avg_sqs, max_sqs, steps = run.state
-        for i in range(len(params)):
-            lines += [numbers(exp_avgs[i]), numbers(exp_avg_sqs[i])]
-            if h["amsgrad"]:
-                lines.append(numbers(max_sqs[i]))
-            lines.append(numbers(steps[i]))
-    else:
-        lines.append(" ".join(repr(float(h[k])) for k in ("lr", "momentum", "dampening", "weight_decay"))
-                     + f" {int(h['nesterov'])} {int(h['maximize'])} {int(run.first)}")
-        lines += [numbers(b) for b in run.state[0]]
-    result = subprocess.run([str(binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
-    values = torch.tensor([float(v) for v in result.stdout.split()], dtype=torch.float64)
-    loss, rest = values[0], values[1:]
-    shaped = []
-    for t in params + [t for group in run.state for t in group]:
-        shaped.append(rest[:t.numel()].reshape(t.shape))
-        rest = rest[t.numel():]
-    assert rest.numel() == 0
-    return loss, shaped
+    header = f"{run.params[0].element_size()} {0 if run.kind == 'adam' else 1} {blocks} {tile_rows} {int(resident)}"
+    values = run_harness(binary, [header, *stack_lines(run, x, target), *update_lines(run, run.first)])
+    return values[0], params_and_state(values[1:], run)
 
 
 def check(binary, model, criterion, optimizer, dtype, n, blocks, tile_rows, resident, seed=0):
