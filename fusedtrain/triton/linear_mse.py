@@ -12,7 +12,8 @@ tensor. The formulas are those of csrc/include/fusedtrain/linear_mse_math.h:
 
 with R = N * out under "mean" and 1 under "sum".
 
-Design: up to three launches, all on the tensors' device, no host synchronization.
+Design: up to three launches, all on the tensors' device, no host synchronization. The forward
+and grad_x tiles are fusedtrain.triton._tile_dot's tile product, which the stack kernels share.
 
 * _forward_kernel, one program per (row block, out block): program (i, j) computes the (BLOCK_N, BLOCK_O)
   tile of pred with tl.dot over BLOCK_K-wide slices of `in`, adds the bias, subtracts the target,
@@ -69,6 +70,7 @@ from torch import Tensor
 
 from fusedtrain.reference import MEAN, SUM
 from fusedtrain.triton._device import device_guard
+from fusedtrain.triton._tile_dot import DOT_PRECISION, program_tile_dot
 
 # Upper bounds on the tile sizes (powers of two, at least 16). Read at each call, so tests may
 # shrink them to make small problems span several tiles.
@@ -81,7 +83,6 @@ MIN_PROGRAMS: int | None = None
 
 _MIN_BLOCK = 16  # tl.dot's smallest tile dimension on some backends
 _NUM_WARPS = 4
-_DOT_PRECISION = tl.constexpr("ieee")
 _COMPUTE_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -99,25 +100,10 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, partial_ptr,
                     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # Formulas: csrc/include/fusedtrain/linear_mse_math.h (pred, residual, loss, mse_grad).
     DTYPE: tl.constexpr = partial_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    pid_n = pid // tl.cdiv(n_out, BLOCK_O)
-    pid_o = pid % tl.cdiv(n_out, BLOCK_O)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    row_mask = rows < n
-    col_mask = cols < n_out
-
     # pred tile = x[rows, :] @ W[cols, :]^T, BLOCK_K columns of x at a time.
-    pred = tl.zeros((BLOCK_N, BLOCK_O), dtype=DTYPE)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < n_in
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = tl.load(w_ptr + k[:, None] * stride_wk + cols[None, :] * stride_wo,
-                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        pred = tl.dot(x, w_t, pred, input_precision=_DOT_PRECISION)
+    pred, rows, cols, row_mask, col_mask = program_tile_dot(
+        x_ptr, w_ptr, n, n_in, n_out, stride_xn, stride_xk, stride_wk, stride_wo,
+        DTYPE, BLOCK_ROWS=BLOCK_N, BLOCK_INNER=BLOCK_K, BLOCK_COLS=BLOCK_O)
     if HAS_BIAS:
         pred = pred + tl.load(b_ptr + cols * stride_b, mask=col_mask, other=0.0)[None, :]
 
@@ -126,7 +112,7 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, partial_ptr,
                 other=0.0)
     r = tl.where(mask, pred - y, 0.0)
     loss_sum = tl.sum(tl.sum(r * r, axis=1), axis=0)
-    tl.store(partial_ptr + pid, loss_sum)  # partials[pid_n, pid_o]
+    tl.store(partial_ptr + tl.program_id(0), loss_sum)  # partials[row block, out block]
     if STORE_G:
         g = _two_over_count(count, DTYPE) * r
         tl.store(g_ptr + rows[:, None] * n_out + cols[None, :], g, mask=mask)
@@ -163,7 +149,7 @@ def _grad_params_kernel(g_ptr, x_ptr, gw_ptr, gb_ptr,
                       mask=col_mask[:, None] & row_mask[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        grad_w = tl.dot(g_t, x, grad_w, input_precision=_DOT_PRECISION)
+        grad_w = tl.dot(g_t, x, grad_w, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             if pid_k == 0:
                 grad_b += tl.sum(g_t, axis=1)
@@ -180,24 +166,9 @@ def _grad_x_kernel(g_ptr, w_ptr, gx_ptr, n, n_in, n_out, stride_wo, stride_wk,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # grad_x[rows, ks] = g[rows, :] @ W[:, ks], BLOCK_O columns of g at a time.
     DTYPE: tl.constexpr = gx_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    pid_n = pid // tl.cdiv(n_in, BLOCK_K)
-    pid_k = pid % tl.cdiv(n_in, BLOCK_K)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    os = tl.arange(0, BLOCK_O).to(tl.int64)
-    row_mask = rows < n
-    k_mask = ks < n_in
-
-    grad_x = tl.zeros((BLOCK_N, BLOCK_K), dtype=DTYPE)
-    for o0 in range(0, n_out, BLOCK_O):
-        o = o0 + os
-        o_mask = o < n_out
-        g = tl.load(g_ptr + rows[:, None] * n_out + o[None, :],
-                    mask=row_mask[:, None] & o_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + o[:, None] * stride_wo + ks[None, :] * stride_wk,
-                    mask=o_mask[:, None] & k_mask[None, :], other=0.0)
-        grad_x = tl.dot(g, w, grad_x, input_precision=_DOT_PRECISION)
+    grad_x, rows, ks, row_mask, k_mask = program_tile_dot(
+        g_ptr, w_ptr, n, n_out, n_in, n_out, 1, stride_wo, stride_wk,
+        DTYPE, BLOCK_ROWS=BLOCK_N, BLOCK_INNER=BLOCK_O, BLOCK_COLS=BLOCK_K)
     tl.store(gx_ptr + rows[:, None] * n_in + ks[None, :], grad_x,
              mask=row_mask[:, None] & k_mask[None, :])
 

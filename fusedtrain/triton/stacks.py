@@ -12,7 +12,8 @@ state lists and hyperparameters, lr_tensor last. The math, layer l with input h_
               dz_{l-1} = (dz_l W_l) * act_{l-1}'(z_{l-1})
 
 Kernels (every grid flattened onto axis 0, tiles as in fusedtrain.triton.linear_mse, whose
-tiling and weight-gradient kernel they share):
+tiling and weight-gradient kernel they share; the forward and backward-input kernels build on
+fusedtrain.triton._tile_dot's tile product, as linear_mse's forward and grad_x kernels do):
 
 * _layer_forward_kernel, per layer, one program per (row block, out block): the tile of z by
   tl.dot over slices of `in`, then the bias and the activation in the epilogue; it stores h_l
@@ -67,11 +68,11 @@ from torch import Tensor
 from fusedtrain.reference import MEAN, SUM, Activation, Loss
 from fusedtrain.triton import linear_mse
 from fusedtrain.triton._device import device_guard, host_table
+from fusedtrain.triton._tile_dot import program_tile_dot
 from fusedtrain.triton.optim import adam_step_ as _adam_step
 from fusedtrain.triton.optim import sgd_step_ as _sgd_step
 
 _NUM_WARPS = 4
-_DOT_PRECISION = tl.constexpr("ieee")
 _OPTIONS = dict(num_warps=_NUM_WARPS, enable_fp_fusion=False)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 # Activations whose derivative is computed from the pre-activation z (the others from h = act(z)).
@@ -209,24 +210,9 @@ def _layer_forward_kernel(h_ptr, w_ptr, b_ptr, z_ptr, out_ptr, slope_ptr,
                           BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # z = h @ W^T + b, out = act(z) for this program's (row block, out block); W contiguous.
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    pid_n = pid // tl.cdiv(n_out, BLOCK_O)
-    pid_o = pid % tl.cdiv(n_out, BLOCK_O)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    row_mask = rows < n
-    col_mask = cols < n_out
-
-    z = tl.zeros((BLOCK_N, BLOCK_O), dtype=DTYPE)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < n_in
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = tl.load(w_ptr + k[:, None] + cols[None, :] * n_in,
-                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        z = tl.dot(h, w_t, z, input_precision=_DOT_PRECISION)
+    z, rows, cols, row_mask, col_mask = program_tile_dot(
+        h_ptr, w_ptr, n, n_in, n_out, stride_hn, stride_hk, 1, n_in,
+        DTYPE, BLOCK_ROWS=BLOCK_N, BLOCK_INNER=BLOCK_K, BLOCK_COLS=BLOCK_O)
     if HAS_BIAS:
         z = z + tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
 
@@ -328,24 +314,9 @@ def _backward_input_kernel(dz_ptr, w_ptr, saved_ptr, dz_in_ptr, slope_ptr, n, n_
     # layer below's pre-activation (its activation ACTIVATION, its slope at slope_ptr).
     # dz (n, n_out), W (n_out, n_in), saved and dz_in (n, n_in): all contiguous.
     DTYPE: tl.constexpr = dz_in_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    pid_n = pid // tl.cdiv(n_in, BLOCK_K)
-    pid_k = pid % tl.cdiv(n_in, BLOCK_K)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    os = tl.arange(0, BLOCK_O).to(tl.int64)
-    row_mask = rows < n
-    k_mask = ks < n_in
-
-    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=DTYPE)
-    for o0 in range(0, n_out, BLOCK_O):
-        o = o0 + os
-        o_mask = o < n_out
-        dz = tl.load(dz_ptr + rows[:, None] * n_out + o[None, :],
-                     mask=row_mask[:, None] & o_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + o[:, None] * n_in + ks[None, :],
-                    mask=o_mask[:, None] & k_mask[None, :], other=0.0)
-        g = tl.dot(dz, w, g, input_precision=_DOT_PRECISION)
+    g, rows, ks, row_mask, k_mask = program_tile_dot(
+        dz_ptr, w_ptr, n, n_out, n_in, n_out, 1, n_in, 1,
+        DTYPE, BLOCK_ROWS=BLOCK_N, BLOCK_INNER=BLOCK_O, BLOCK_COLS=BLOCK_K)
     mask = row_mask[:, None] & k_mask[None, :]
     tile = rows[:, None] * n_in + ks[None, :]
     if ACTIVATION != _IDENTITY:
@@ -396,6 +367,21 @@ def _check_dense(op: str, params: list[Tensor], i: int) -> None:
                          "in place")
 
 
+def _check_layer_param(op: str, x: Tensor, params: list[Tensor], i: int, role: str,
+                       shape_text: str, shape_ok: bool) -> None:
+    """params[i], a layer's weight or bias (role: "layer l's weight"): x's dtype and device, the
+    shape that shape_text names (shape_ok: it has it), dense and contiguous."""
+    t = params[i]
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: params[{i}] ({role}) has dtype {t.dtype} but x has dtype {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: params[{i}] ({role}) is on {t.device} but x is on {x.device}")
+    if not shape_ok:
+        raise ValueError(f"{op}: params[{i}] ({role}) must have shape {shape_text}, got "
+                         f"{tuple(t.shape)}")
+    _check_dense(op, params, i)
+
+
 def _check_tensors(op: str, x: Tensor, target: Tensor, params: list[Tensor], has_bias,
                    layer_params, activations, loss: int, ignore_index: int) -> list[_Layer]:
     """check_stack_tensors, where the kernels can run, and cross entropy's classes (on the CPU);
@@ -421,29 +407,13 @@ def _check_tensors(op: str, x: Tensor, target: Tensor, params: list[Tensor], has
     layers, width = [], x.shape[1]
     for l, (i, bias) in enumerate(zip(layer_params, has_bias)):
         w = params[i]
-        if w.dtype != x.dtype:
-            raise TypeError(f"{op}: params[{i}] (layer {l}'s weight) has dtype {w.dtype} but x "
-                            f"has dtype {x.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{op}: params[{i}] (layer {l}'s weight) is on {w.device} but x is "
-                             f"on {x.device}")
-        if w.dim() != 2 or w.shape[1] != width:
-            raise ValueError(f"{op}: params[{i}] (layer {l}'s weight) must have shape (out, "
-                             f"{width}), got {tuple(w.shape)}")
-        _check_dense(op, params, i)
+        _check_layer_param(op, x, params, i, f"layer {l}'s weight", f"(out, {width})",
+                           w.dim() == 2 and w.shape[1] == width)
         width = w.shape[0]
         b = params[i + 1] if bias else None
         if b is not None:
-            if b.dtype != x.dtype:
-                raise TypeError(f"{op}: params[{i + 1}] (layer {l}'s bias) has dtype {b.dtype} "
-                                f"but x has dtype {x.dtype}")
-            if b.device != x.device:
-                raise ValueError(f"{op}: params[{i + 1}] (layer {l}'s bias) is on {b.device} but "
-                                 f"x is on {x.device}")
-            if b.dim() != 1 or b.shape[0] != width:
-                raise ValueError(f"{op}: params[{i + 1}] (layer {l}'s bias) must have shape "
-                                 f"({width}), got {tuple(b.shape)}")
-            _check_dense(op, params, i + 1)
+            _check_layer_param(op, x, params, i + 1, f"layer {l}'s bias", f"({width})",
+                               b.dim() == 1 and b.shape[0] == width)
         layers.append(_Layer(w, b, i, int(activations[l])))
     if target.device != x.device:
         raise ValueError(f"{op}: target is on {target.device} but x is on {x.device}")
