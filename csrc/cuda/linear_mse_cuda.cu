@@ -32,8 +32,6 @@
 // summing the loss, and GEMMs accumulate the gradients: memory grows by one block, as on the
 // CPU. The stack ops' train step (stack_cuda.cu) then runs the optimizer kernels of optim_cuda.cu.
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -52,6 +50,7 @@
 #include "fusedtrain/sgd_math.h"
 #include "fused_grid.h"
 #include "grid_sum.cuh"
+#include "kernel_attributes.cuh"
 #include "launch.cuh"
 #include "linear_mse_cuda.h"
 
@@ -383,19 +382,14 @@ bool fused_path_available() {
 // How many blocks of `kernel` (kThreads threads, static shared memory only) `device` holds at
 // once: the largest cooperative grid. Asked once per kernel and device.
 int coresident_blocks(const void* kernel, int device) {
-  static std::mutex mutex;
-  // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
-  static auto* cache = new std::map<std::pair<const void*, int>, int>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = cache->find({kernel, device});
-  if (found != cache->end()) return found->second;
-  int sms = 0, per_sm = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  cache->emplace(std::make_pair(kernel, device), per_sm * sms);
-  return per_sm * sms;
+  return once_per_kernel_and_device(kernel, device, [&] {
+    int sms = 0, per_sm = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return per_sm * sms;
+  });
 }
 
 // One cooperative launch of the fused kernel over the call's rows, on the current device (which

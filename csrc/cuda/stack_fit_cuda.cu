@@ -19,8 +19,6 @@
 #include "stack_fit.h"
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -31,7 +29,9 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/DeviceGuard.h>
 
+#include "kernel_attributes.cuh"
 #include "launch.cuh"
+#include "narrow_host_args.cuh"
 #include "stack_fit_kernel.cuh"
 #include "stack_fit_layout.h"
 #include "stack_narrow.h"
@@ -62,27 +62,6 @@ const void* fit_kernel() {
   return reinterpret_cast<const void*>(&stack_fit_kernel<T, Update>);
 }
 
-// The dynamic shared memory one block of `kernel` may have on `device`: the opt-in maximum less
-// the kernel's static shared memory, granted to the kernel once per device.
-int64_t max_dynamic_bytes(const void* kernel, int device) {
-  // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
-  static std::mutex mutex;
-  static auto* granted = new std::map<std::pair<const void*, int>, int64_t>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = granted->find({kernel, device});
-  if (found != granted->end()) return found->second;
-  int optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
-  const int bytes = optin - static_cast<int>(attributes.sharedSizeBytes);
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-             "cudaFuncSetAttribute");
-  granted->emplace(std::make_pair(kernel, device), bytes);
-  return bytes;
-}
-
 // The rows of a batch, as the CPU loop takes them: batch_size (0: all) of rows_used, at least one.
 int64_t batch_rows(int64_t batch_size, int64_t rows_used) {
   const int64_t all = std::max<int64_t>(rows_used, 1);
@@ -96,23 +75,15 @@ int64_t batch_rows(int64_t batch_size, int64_t rows_used) {
 template <typename T>
 std::optional<FitLayout> plan_fit(const StackSpec& spec, at::TensorList params, const at::Tensor& x,
                                   int64_t batch, int state_lists) {
-  if (spec.layers() > static_cast<size_t>(kMaxNarrowLayers) || params.size() > static_cast<size_t>(kMaxNarrowParams)) {
-    return std::nullopt;
-  }
-  std::vector<int64_t> widths{x.size(1)};
-  std::vector<bool> keeps_output;
-  for (size_t l = 0; l < spec.layers(); ++l) {
-    widths.push_back(params[static_cast<size_t>(spec.layer_params[l])].size(0));
-    keeps_output.push_back(spec.activations[l] != Activation::kIdentity);
-  }
-  if (*std::max_element(widths.begin(), widths.end()) > kMaxNarrowWidth) return std::nullopt;
+  if (!within_narrow_limits(spec, params, x)) return std::nullopt;
+  const auto [widths, keeps_output] = stack_shape(spec, params, x);
   int64_t param_elements = 0;
   for (const at::Tensor& p : params) param_elements += p.numel();
   const FitLayout layout = make_fit_layout(widths, keeps_output, fit_tile_rows(batch), param_elements, state_lists,
                                            spec.loss == Loss::kCrossEntropy, static_cast<int64_t>(sizeof(T)));
   const int device = x.device().index();
-  const int64_t available = std::min(max_dynamic_bytes(fit_kernel<T, NarrowAdam<T>>(), device),
-                                     max_dynamic_bytes(fit_kernel<T, NarrowSgd<T>>(), device));
+  const int64_t available = std::min(max_dynamic_shared_bytes(fit_kernel<T, NarrowAdam<T>>(), device),
+                                     max_dynamic_shared_bytes(fit_kernel<T, NarrowSgd<T>>(), device));
   if (layout.elements * static_cast<int64_t>(sizeof(T)) > available) return std::nullopt;
   return layout;
 }
@@ -178,20 +149,7 @@ std::tuple<at::Tensor, at::Tensor> launch_fit(const char* op, const FitData& d, 
   FitArgs<T> a{};
   NarrowArgs<T>& stack = a.stack;
   stack.layout = layout->narrow;
-  for (size_t l = 0; l < spec.layers(); ++l) {
-    stack.layer[l] = NarrowLayer<T>{static_cast<int>(spec.layer_params[l]), static_cast<bool>(spec.has_bias[l]),
-                                    spec.activations[l], static_cast<T>(spec.activation_params[l])};
-  }
-  stack.params.count = static_cast<int>(params.size());
-  stack.params.offset[0] = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    stack.params.data[i] = params[i].data_ptr<T>();
-    stack.params.offset[i + 1] = stack.params.offset[i] + params[i].numel();
-  }
-  stack.loss = spec.loss;
-  stack.loss_param = static_cast<T>(spec.loss_param);
-  stack.ignore_index = spec.ignore_index;
-  stack.label_smoothing = static_cast<T>(spec.label_smoothing);
+  set_stack_args(stack, spec, params);
   a.layout = *layout;
   a.x = x.data_ptr<T>();
   a.target = d.target.data_ptr();
@@ -252,15 +210,9 @@ std::tuple<at::Tensor, at::Tensor> stack_fit_adam_cuda(const FitData& data, at::
   const at::NoGradGuard no_grad;
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    NarrowAdam<T> update{};
-    for (size_t i = 0; i < params.size() && i < static_cast<size_t>(kMaxNarrowParams); ++i) {
-      update.exp_avg[i] = exp_avgs[i].data_ptr<T>();
-      update.exp_avg_sq[i] = exp_avg_sqs[i].data_ptr<T>();
-      update.max_exp_avg_sq[i] = hyper.amsgrad ? max_exp_avg_sqs[i].data_ptr<T>() : nullptr;
-      update.step[i] = steps[i].data_ptr<float>();
-    }
-    update.h = hyper;
-    return launch_fit<T>(kOp, data, params, spec, update, hyper.amsgrad ? 3 : 2);
+    return launch_fit<T>(kOp, data, params, spec,
+                         adam_update<T>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper),
+                         hyper.amsgrad ? 3 : 2);
   };
   return data.x.scalar_type() == at::kDouble ? run(double{}) : run(float{});
 }
@@ -275,16 +227,7 @@ std::tuple<at::Tensor, at::Tensor> stack_fit_sgd_cuda(const FitData& data, at::T
   const at::NoGradGuard no_grad;
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    NarrowSgd<T> update{};
-    for (size_t i = 0; momentum && i < params.size() && i < static_cast<size_t>(kMaxNarrowParams); ++i) {
-      update.momentum_buffer[i] = momentum_buffers[i].data_ptr<T>();
-    }
-    update.c = math::make_sgd_coeffs<T>(hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, hyper.maximize);
-    update.decay = hyper.weight_decay != 0.0;
-    update.momentum = momentum;
-    update.first_step = hyper.first_step;
-    update.nesterov = hyper.nesterov;
-    return launch_fit<T>(kOp, data, params, spec, update, momentum ? 1 : 0);
+    return launch_fit<T>(kOp, data, params, spec, sgd_update<T>(params, momentum_buffers, hyper), momentum ? 1 : 0);
   };
   return data.x.scalar_type() == at::kDouble ? run(double{}) : run(float{});
 }

@@ -47,7 +47,9 @@
 #include <c10/core/DeviceGuard.h>
 
 #include "fused_grid.h"
+#include "kernel_attributes.cuh"
 #include "launch.cuh"
+#include "narrow_host_args.cuh"
 #include "stack_narrow_kernel.cuh"
 #include "stack_narrow_layout.h"
 
@@ -73,32 +75,18 @@ __global__ void __launch_bounds__(kThreads) narrow_stack_step(const NarrowArgs<T
 // Host side
 
 // What a device offers one of the kernels: its multiprocessors and the dynamic shared memory a
-// block may have (the opt-in maximum less the kernel's static shared memory, granted to the
-// kernel once per device).
+// block may have (max_dynamic_shared_bytes).
 struct KernelLimits {
   int sms;
   int64_t max_dynamic_bytes;
 };
 
 KernelLimits kernel_limits(const void* kernel, int device) {
-  // Never destroyed: static destructors run at exit, possibly after the CUDA runtime is gone.
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::pair<const void*, int>, KernelLimits>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = cache->find({kernel, device});
-  if (found != cache->end()) return found->second;
-  int sms = 0, optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
-  const int max_dynamic = optin - static_cast<int>(attributes.sharedSizeBytes);
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic),
-             "cudaFuncSetAttribute");
-  const KernelLimits limits{sms, max_dynamic};
-  cache->emplace(std::make_pair(kernel, device), limits);
-  return limits;
+  return once_per_kernel_and_device(kernel, device, [&] {
+    int sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    return KernelLimits{sms, max_dynamic_shared_bytes(kernel, device)};
+  });
 }
 
 // Blocks of `kernel` with `bytes` of dynamic shared memory that one multiprocessor holds at once.
@@ -107,18 +95,6 @@ int blocks_per_sm(const void* kernel, int64_t bytes) {
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return per_sm;
-}
-
-// The stack's widths (in_0, out_0, ..., out_L-1) and which layers keep an output apart from z.
-std::pair<std::vector<int64_t>, std::vector<bool>> stack_shape(const StackSpec& spec, at::TensorList params,
-                                                               const at::Tensor& x) {
-  std::vector<int64_t> widths{x.size(1)};
-  std::vector<bool> keeps_output;
-  for (size_t l = 0; l < spec.layers(); ++l) {
-    widths.push_back(params[static_cast<size_t>(spec.layer_params[l])].size(0));
-    keeps_output.push_back(spec.activations[l] != Activation::kIdentity);
-  }
-  return {widths, keeps_output};
 }
 
 struct NarrowPlan {
@@ -186,20 +162,7 @@ at::Tensor launch_narrow_step(const at::Tensor& x_in, const at::Tensor& target_i
   a.n = x.size(0);
   a.layout = plan->layout;
   a.tiles = (a.n + a.layout.rows - 1) / a.layout.rows;
-  for (size_t l = 0; l < spec.layers(); ++l) {
-    a.layer[l] = NarrowLayer<T>{static_cast<int>(spec.layer_params[l]), static_cast<bool>(spec.has_bias[l]),
-                                spec.activations[l], static_cast<T>(spec.activation_params[l])};
-  }
-  a.params.count = static_cast<int>(params.size());
-  a.params.offset[0] = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    a.params.data[i] = params[i].data_ptr<T>();
-    a.params.offset[i + 1] = a.params.offset[i] + params[i].numel();
-  }
-  a.loss = spec.loss;
-  a.loss_param = static_cast<T>(spec.loss_param);
-  a.ignore_index = spec.ignore_index;
-  a.label_smoothing = static_cast<T>(spec.label_smoothing);
+  set_stack_args(a, spec, params);
   const bool mean = spec.reduction == at::Reduction::Mean;
   a.mean_over_kept = mean && spec.loss == Loss::kCrossEntropy;
   a.loss_divisor = mean ? static_cast<double>(a.n * widths.back()) : 1.0;
@@ -249,13 +212,7 @@ bool fits(const StackSpec& spec, at::TensorList params, const at::Tensor& x) {
 }  // namespace
 
 bool narrow_stack_supported(const StackSpec& spec, at::TensorList params, const at::Tensor& x) {
-  if (spec.layers() > static_cast<size_t>(kMaxNarrowLayers) || params.size() > static_cast<size_t>(kMaxNarrowParams)) {
-    return false;
-  }
-  if (x.size(1) > kMaxNarrowWidth) return false;
-  for (size_t l = 0; l < spec.layers(); ++l) {
-    if (params[static_cast<size_t>(spec.layer_params[l])].size(0) > kMaxNarrowWidth) return false;
-  }
+  if (!within_narrow_limits(spec, params, x)) return false;
   const c10::DeviceGuard guard(x.device());
   int cooperative = 0;
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, x.device().index()),
@@ -269,15 +226,8 @@ at::Tensor narrow_stack_adam_step(const at::Tensor& x, const at::Tensor& target,
                                   at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& hyper) {
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    NarrowAdam<T> update{};
-    for (size_t i = 0; i < params.size() && i < static_cast<size_t>(kMaxNarrowParams); ++i) {
-      update.exp_avg[i] = exp_avgs[i].data_ptr<T>();
-      update.exp_avg_sq[i] = exp_avg_sqs[i].data_ptr<T>();
-      update.max_exp_avg_sq[i] = hyper.amsgrad ? max_exp_avg_sqs[i].data_ptr<T>() : nullptr;
-      update.step[i] = steps[i].data_ptr<float>();
-    }
-    update.h = hyper;
-    return launch_narrow_step<T>(x, target, params, spec, update);
+    return launch_narrow_step<T>(x, target, params, spec,
+                                 adam_update<T>(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper));
   };
   return x.scalar_type() == at::kDouble ? run(double{}) : run(float{});
 }
@@ -286,17 +236,7 @@ at::Tensor narrow_stack_sgd_step(const at::Tensor& x, const at::Tensor& target, 
                                  const StackSpec& spec, at::TensorList momentum_buffers, const SgdHyper& hyper) {
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    NarrowSgd<T> update{};
-    const bool momentum = hyper.momentum != 0.0;
-    for (size_t i = 0; momentum && i < params.size() && i < static_cast<size_t>(kMaxNarrowParams); ++i) {
-      update.momentum_buffer[i] = momentum_buffers[i].data_ptr<T>();
-    }
-    update.c = math::make_sgd_coeffs<T>(hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, hyper.maximize);
-    update.decay = hyper.weight_decay != 0.0;
-    update.momentum = momentum;
-    update.first_step = hyper.first_step;
-    update.nesterov = hyper.nesterov;
-    return launch_narrow_step<T>(x, target, params, spec, update);
+    return launch_narrow_step<T>(x, target, params, spec, sgd_update<T>(params, momentum_buffers, hyper));
   };
   return x.scalar_type() == at::kDouble ? run(double{}) : run(float{});
 }
