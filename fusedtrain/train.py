@@ -331,6 +331,14 @@ class _Training:
         return step, self.evaluate
 
 
+def _to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`; a CPU tensor bound for a GPU goes through pinned memory, so that the
+    copy queues on the stream instead of making the host wait for the steps before it."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _run_steps(step, loss, x, target, epochs, batch_size, orders, generator, val,
                first_step) -> tuple[Tensor, Tensor]:
     """The native loop's epochs in Python, one step() call per batch; on a GPU a few kernel
@@ -340,7 +348,7 @@ def _run_steps(step, loss, x, target, epochs, batch_size, orders, generator, val
     for epoch in range(epochs):
         order = (orders[epoch] if orders is not None
                  else torch.randperm(n, generator=generator) if generator is not None else None)
-        order = order.to(x.device) if order is not None else None
+        order = _to_device_async(order, x.device) if order is not None else None
         rows_used = order.shape[0] if order is not None else n
         batch = batch_size or max(rows_used, 1)  # the whole set: one batch
         losses = []

@@ -76,6 +76,10 @@ template <typename T>
 std::optional<FitLayout> plan_fit(const StackSpec& spec, at::TensorList params, const at::Tensor& x,
                                   int64_t batch, int state_lists) {
   if (!within_narrow_limits(spec, params, x)) return std::nullopt;
+  // Every row of a batch keeps at least its 4-byte target in shared memory, of which no
+  // multiprocessor has 256 KiB: a larger batch never fits, and the int tile height below cannot
+  // overflow for the batches that are left.
+  if (batch > 64 * 1024) return std::nullopt;
   const auto [widths, keeps_output] = stack_shape(spec, params, x);
   int64_t param_elements = 0;
   for (const at::Tensor& p : params) param_elements += p.numel();
@@ -117,16 +121,25 @@ void check_fit(const char* op, const FitData& d, at::TensorList params, const St
   }
 }
 
+// A CPU tensor's copy on `device`, queued on the current stream without a host wait; a tensor
+// already there is returned as it is (contiguous).
+at::Tensor to_device_async(const at::Tensor& t, const at::Device& device) {
+  if (!t.is_cpu()) return t.to(device).contiguous();
+  return t.contiguous().pin_memory().to(device, /*non_blocking=*/true);
+}
+
 // Each epoch's rows on x's device: the given orders, else torch.randperm(N) per epoch from the
 // generator, drawn on the host as the CPU loop draws them; undefined when the rows go in order.
 at::Tensor device_orders(const FitData& d) {
-  if (d.orders.has_value()) return d.orders->to(d.x.device()).contiguous();
+  // Pinned, so the copy queues on the stream instead of making the host wait for the work
+  // before it (the caching host allocator keeps the pinned copy until the transfer is done).
+  if (d.orders.has_value()) return to_device_async(*d.orders, d.x.device());
   if (!d.generator.has_value() || d.epochs == 0) return at::Tensor();
   std::vector<at::Tensor> drawn;
   for (int64_t epoch = 0; epoch < d.epochs; ++epoch) {
     drawn.push_back(at::randperm(d.x.size(0), *d.generator, at::kLong));
   }
-  return at::stack(drawn).to(d.x.device());
+  return to_device_async(at::stack(drawn), d.x.device());
 }
 
 // The checked fit, launched on the current stream.

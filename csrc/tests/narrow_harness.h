@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/stack_narrow_kernel.cuh"
@@ -26,6 +28,20 @@ namespace fusedtrain {
 namespace cuda {
 namespace narrow {
 namespace harness {
+
+// Device memory the kernel must write before it reads (shared memory, scratch, block scalars)
+// holds anything at launch; the harness fills it with all-one bytes (NaN as a float or double,
+// -1 as an integer), so that a read before the kernel's own write shows in the results instead
+// of passing as a zero.
+template <typename V>
+void fill_unwritten(std::vector<V>& memory) {
+  std::memset(static_cast<void*>(memory.data()), 0xFF, memory.size() * sizeof(V));
+}
+template <typename V>
+void fill_unwritten(V& object) {
+  static_assert(std::is_trivially_copyable_v<V>, "fill_unwritten: only plain data");
+  std::memset(static_cast<void*>(&object), 0xFF, sizeof(V));
+}
 
 template <typename V>
 V read() {

@@ -35,6 +35,8 @@ void run(FitArgs<T>& a, const Update& update, const std::vector<int64_t>& widths
   // In doubles: 8-byte aligned, as the device's dynamic shared memory is (16).
   std::vector<double> shared(static_cast<size_t>((a.layout.elements * static_cast<int64_t>(sizeof(T)) + 7) / 8));
   auto block = std::make_unique<FitBlock<T, Update>>();
+  fill_unwritten(shared);
+  fill_unwritten(*block);
   cuda_emulation::launch(1, kNarrowThreads, [&] {
     run_fit(a, update, reinterpret_cast<unsigned char*>(shared.data()), *block);
   });

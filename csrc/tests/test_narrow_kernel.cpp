@@ -25,6 +25,9 @@ T run(NarrowArgs<T>& a, const Update& update, int blocks) {
   std::vector<T> partials(static_cast<size_t>(blocks * width));
   std::vector<double> block_losses(static_cast<size_t>(blocks));
   std::vector<int64_t> block_kept(static_cast<size_t>(blocks));
+  fill_unwritten(partials);
+  fill_unwritten(block_losses);
+  fill_unwritten(block_kept);
   T loss = T(0);
   a.partials = partials.data();
   a.block_losses = block_losses.data();
@@ -37,6 +40,8 @@ T run(NarrowArgs<T>& a, const Update& update, int blocks) {
   }
   std::vector<std::vector<T>> shared(static_cast<size_t>(blocks), std::vector<T>(static_cast<size_t>(a.layout.elements)));
   std::vector<BlockScalars<Update>> scalars(static_cast<size_t>(blocks));
+  for (auto& block_shared : shared) fill_unwritten(block_shared);
+  fill_unwritten(scalars);
   cuda_emulation::launch(blocks, kNarrowThreads, [&] {
     run_narrow_step(a, update, shared[blockIdx.x].data(), scalars[blockIdx.x]);
   });
