@@ -834,6 +834,7 @@ def test_captured_stack_train_step_replays_like_eager_steps(optimizer, path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.concurrent_grids
 def test_two_captured_train_steps_replay_back_to_back_and_at_once():
     """Two one-launch linear train steps (two models) captured on the same stream, then replayed one
     after the other and at the same time on two streams: each equals the same steps run eagerly.

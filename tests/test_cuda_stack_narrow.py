@@ -258,6 +258,7 @@ def test_two_runs_give_identical_bits():
         assert torch.equal(a, b)
 
 
+@pytest.mark.concurrent_grids
 def test_cuda_graph_capture_and_concurrent_replays():
     # Two steps captured in two graphs, replayed three times at once on two streams, end where
     # three eager steps of each end: the kernel keeps nothing between launches, and the two

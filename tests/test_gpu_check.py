@@ -55,7 +55,28 @@ def test_test_stage_fails_on_a_skip_a_failure_or_no_test(tmp_path, monkeypatch, 
     (tmp_path / "test_gpu_stage.py").write_text(body)
     monkeypatch.setattr(gpu_check, "TEST_COMMAND", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                                     str(tmp_path / "test_gpu_stage.py")])
+    monkeypatch.setattr(gpu_check, "TEST_RUNS", [("not nothing", "tests.xml", None)])
     report = gpu_check.Report(tmp_path / "out")
     gpu_check.run_tests(report, tmp_path / "out", gpu_check.Budget(200))
     assert (verdict in report.failures) if verdict is not None else report.failures == []
     assert "## GPU tests" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_test_run_killed_at_its_limit_loses_only_its_own_tests(tmp_path, monkeypatch):
+    # The second run hangs (as two cooperative grids waiting on each other would): it is killed at
+    # the seconds kept for it, reported as not finished, and the first run's results stand.
+    gpu_check = load_gpu_check()
+    (tmp_path / "test_gpu_stage.py").write_text(
+        "import time, pytest\n"
+        "def test_ok():\n    pass\n"
+        "@pytest.mark.hangs\ndef test_hangs():\n    time.sleep(600)\n")
+    monkeypatch.setattr(gpu_check, "TEST_COMMAND", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                    "-W", "ignore::pytest.PytestUnknownMarkWarning",
+                                                    str(tmp_path / "test_gpu_stage.py")])
+    monkeypatch.setattr(gpu_check, "TEST_RUNS", [("not hangs", "tests.xml", None), ("hangs", "tests-hangs.xml", 15)])
+    report = gpu_check.Report(tmp_path / "out")
+    # 30 s for the stage (the budget less the benchmarks' reserve): 15 for each run.
+    gpu_check.run_tests(report, tmp_path / "out", gpu_check.Budget(gpu_check.BENCHMARK_RESERVE_S + 30))
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert report.failures == ["GPU tests did not finish"]
+    assert "| passed | 1 |" in summary and "-m 'hangs': killed after" in summary
