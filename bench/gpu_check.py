@@ -40,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # GPU tests carry the `gpu` marker (pyproject.toml); the check runs them from the repository root,
 # as a developer's `python -m pytest` would.
-TEST_COMMAND = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
+# -v: each test's outcome is printed as it ends, so a run killed at its limit still shows which
+# tests passed before it.
+TEST_COMMAND = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "tests"]
 # The GPU tests in two pytest runs, each killed at its own time limit: (marker expression, name of
 # its report, seconds kept for it). Tests that replay cooperative grids on two streams at once go
 # last and alone: were the driver ever to start two such grids that cannot all be resident together,
@@ -195,15 +197,17 @@ def run_tests(report: Report, out: Path, budget: Budget) -> None:
         # What the later runs keep is held back from this one.
         later = sum(kept for _, _, kept in TEST_RUNS[index + 1:] if kept is not None)
         limit = max(10.0, stage_end - time.monotonic() - later)
-        junit = out / report_name
+        junit, log = out / report_name, out / (Path(report_name).stem + ".log")
         began = time.monotonic()
-        status, tail = run_logged(TEST_COMMAND + ["-m", markers, f"--junitxml={junit}"],
-                                  out / (Path(report_name).stem + ".log"), timeout=limit)
+        status, tail = run_logged(TEST_COMMAND + ["-m", markers, f"--junitxml={junit}"], log, timeout=limit)
         seconds = time.monotonic() - began
         if status is None or not junit.exists():
             outcomes["did not finish"].append(f"-m '{markers}': " + (
                 f"killed after {seconds:.0f} s (limit {limit:.0f} s)" if status is None else f"exit {status}, no report"))
-            notes.append(f"-m '{markers}' did not finish; its output ends:\n```\n{tail}\n```")
+            for name, outcome in log_outcomes(log.read_text()):
+                outcomes[outcome].append(name)
+            notes.append(f"-m '{markers}' did not finish (the tests above from its log); its output ends:"
+                         f"\n```\n{tail}\n```")
             continue
         for name, outcome in junit_outcomes(junit):
             outcomes[outcome].append(name)
@@ -220,6 +224,17 @@ def run_tests(report: Report, out: Path, budget: Budget) -> None:
         report.fail("no GPU test ran")
     if outcomes["failed"] or outcomes["skipped (counted as failed)"]:
         report.fail("GPU tests failed or skipped")
+
+
+def log_outcomes(text: str):
+    """(test name, outcome) of every test that `pytest -v` printed as ended; a skip's reason is not
+    in those lines, so a skip counts as failed (the run failed anyway)."""
+    kinds = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped (counted as failed)"}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and "::" in words[0] and words[1] in kinds:
+            path, _, test = words[0].partition("::")
+            yield f"{Path(path).stem}::{test}", kinds[words[1]]
 
 
 def junit_outcomes(junit: Path):

@@ -1,6 +1,7 @@
 """bench/gpu_check.py without a GPU: its dry run shows the plan within the budget, a run on a
 machine without a GPU stops with status 2 after the summary's header, and its test stage cannot
-report green without testing: a skip (other than the two-GPU tests) or no test at all fails."""
+report green without testing: a skip (other than the two-GPU tests) or no test at all fails, and
+a hung test run is killed at its limit, keeping the outcomes it printed."""
 
 import importlib.util
 import subprocess
@@ -62,21 +63,23 @@ def test_test_stage_fails_on_a_skip_a_failure_or_no_test(tmp_path, monkeypatch, 
     assert "## GPU tests" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_a_test_run_killed_at_its_limit_loses_only_its_own_tests(tmp_path, monkeypatch):
-    # The second run hangs (as two cooperative grids waiting on each other would): it is killed at
-    # the seconds kept for it, reported as not finished, and the first run's results stand.
+def test_runs_killed_at_their_limits_keep_what_they_printed_and_lose_only_their_own_tests(tmp_path, monkeypatch):
+    # Two runs, each hanging (as two cooperative grids waiting on each other would) and so killed
+    # at its share of the stage's 30 s, leaving no JUnit report: both are reported as not finished,
+    # and the tests the first ended before its hang are read from its log.
     gpu_check = load_gpu_check()
     (tmp_path / "test_gpu_stage.py").write_text(
         "import time, pytest\n"
-        "def test_ok():\n    pass\n"
-        "@pytest.mark.hangs\ndef test_hangs():\n    time.sleep(600)\n")
-    monkeypatch.setattr(gpu_check, "TEST_COMMAND", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                    "-W", "ignore::pytest.PytestUnknownMarkWarning",
-                                                    str(tmp_path / "test_gpu_stage.py")])
-    monkeypatch.setattr(gpu_check, "TEST_RUNS", [("not hangs", "tests.xml", None), ("hangs", "tests-hangs.xml", 15)])
+        "def test_a_ok():\n    pass\n"
+        "def test_b_broken():\n    assert False\n"
+        "def test_c_hangs():\n    time.sleep(600)\n"
+        "@pytest.mark.last\ndef test_d_hangs():\n    time.sleep(600)\n")
+    monkeypatch.setattr(gpu_check, "TEST_COMMAND", gpu_check.TEST_COMMAND[:-1] + [
+        "-W", "ignore::pytest.PytestUnknownMarkWarning", str(tmp_path / "test_gpu_stage.py")])
+    monkeypatch.setattr(gpu_check, "TEST_RUNS", [("not last", "tests.xml", None), ("last", "tests-last.xml", 15)])
     report = gpu_check.Report(tmp_path / "out")
-    # 30 s for the stage (the budget less the benchmarks' reserve): 15 for each run.
     gpu_check.run_tests(report, tmp_path / "out", gpu_check.Budget(gpu_check.BENCHMARK_RESERVE_S + 30))
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert report.failures == ["GPU tests did not finish"]
-    assert "| passed | 1 |" in summary and "-m 'hangs': killed after" in summary
+    assert "| passed | 1 |" in summary and "| failed | 1 | test_gpu_stage::test_b_broken |" in summary
+    assert "-m 'not last': killed after" in summary and "-m 'last': killed after" in summary
+    assert report.failures == ["GPU tests did not finish", "GPU tests failed or skipped"]
