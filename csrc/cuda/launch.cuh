@@ -4,6 +4,7 @@
 // turned into template arguments.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include <cuda_runtime.h>
@@ -31,6 +32,32 @@ inline void check_cuda(cudaError_t error, const char* call) {
 inline void check_launch() {
   const cudaError_t error = cudaGetLastError();
   TORCH_CHECK(error == cudaSuccess, "fusedtrain CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+inline bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// A cooperative grid launched by launch(most), which sizes the grid to at most `most` blocks and
+// returns cudaLaunchCooperativeKernel's answer. `most` starts at `coresident` and halves while the
+// device refuses the grid as too large: a device shared with other work (MPS, green contexts) may
+// hold fewer blocks than its multiprocessors suggest. Not while `stream` is being captured: the
+// refused launch has already invalidated the capture, and a retry's error would name the capture
+// instead of the cause.
+template <typename Launch>
+void launch_cooperative(const char* kernel, int64_t coresident, cudaStream_t stream, Launch&& launch) {
+  for (int64_t most = coresident;; most /= 2) {
+    TORCH_CHECK(most >= 1, "fusedtrain: the device runs no cooperative launch of ", kernel);
+    const cudaError_t error = launch(most);
+    if (error == cudaErrorCooperativeLaunchTooLarge && most > 1 && !capturing(stream)) {
+      (void)cudaGetLastError();  // clears it, so that check_launch() sees only later errors
+      continue;
+    }
+    TORCH_CHECK(error == cudaSuccess, "fusedtrain: ", kernel, " launch failed: ", cudaGetErrorString(error));
+    return;
+  }
 }
 
 // f(std::true_type{}) or f(std::false_type{}).

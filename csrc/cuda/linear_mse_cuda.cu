@@ -401,11 +401,8 @@ void launch_fused(const LinearMseCall& c, bool need_grad_params, T* grad_x, cons
   const int device = current_device();
   const auto opts = c.x.options();
   const int64_t width = c.out * c.in + c.out;
-  // A device shared with other work (MPS, green contexts) may hold fewer blocks than its
-  // multiprocessors suggest: the launch says so, and a smaller grid tries again.
-  for (int most = coresident_blocks(kernel, device);; most /= 2) {
-    TORCH_CHECK(most >= 1, "fusedtrain: the device runs no cooperative launch of fused_linear_mse");
-    const FusedGrid grid = choose_fused_grid(c.n, c.in, c.out, need_grad_params, most);
+  launch_cooperative("fused_linear_mse", coresident_blocks(kernel, device), stream, [&](int64_t most) {
+    const FusedGrid grid = choose_fused_grid(c.n, c.in, c.out, need_grad_params, static_cast<int>(most));
     // Freed while the kernel may still run: the caching allocator hands the memory only to
     // work ordered after it on this stream (and keeps it for a graph being captured).
     const at::Tensor predictions =
@@ -423,16 +420,8 @@ void launch_fused(const LinearMseCall& c, bool need_grad_params, T* grad_x, cons
                       block_losses.data_ptr<double>()};
     Update launched_update = update;
     void* kernel_args[] = {&args, &launched_update};
-    const cudaError_t error =
-        cudaLaunchCooperativeKernel(kernel, grid.blocks(), kThreads, kernel_args, 0, stream);
-    if (error == cudaErrorCooperativeLaunchTooLarge && most > 1) {
-      (void)cudaGetLastError();  // clears it, so that check_launch() sees only later errors
-      continue;
-    }
-    TORCH_CHECK(error == cudaSuccess, "fusedtrain: fused_linear_mse launch failed: ",
-                cudaGetErrorString(error));
-    return;
-  }
+    return cudaLaunchCooperativeKernel(kernel, grid.blocks(), kThreads, kernel_args, 0, stream);
+  });
 }
 
 // Large outputs: rows of the predicted block into dloss/dpred, in place; squared residuals

@@ -173,10 +173,7 @@ at::Tensor launch_narrow_step(const at::Tensor& x_in, const at::Tensor& target_i
 
   const int64_t bytes = a.layout.elements * static_cast<int64_t>(sizeof(T));
   const cudaStream_t stream = native(current_stream(x.device()));
-  // A device shared with other work (MPS, green contexts) may hold fewer blocks than its
-  // multiprocessors suggest: the launch says so, and a smaller grid tries again.
-  for (int64_t most = plan->coresident;; most /= 2) {
-    TORCH_CHECK(most >= 1, "fusedtrain: the device runs no cooperative launch of narrow_stack_step");
+  launch_cooperative("narrow_stack_step", plan->coresident, stream, [&](int64_t most) {
     const int blocks = narrow_grid_blocks(a.tiles, most, width);
     // The scratch in one allocation: the partials, then (8-byte aligned) the block losses and
     // kept counts. Freed while the kernel may still run: the caching allocator hands the memory
@@ -190,15 +187,9 @@ at::Tensor launch_narrow_step(const at::Tensor& x_in, const at::Tensor& target_i
     a.block_kept = reinterpret_cast<int64_t*>(base + partial_bytes + blocks * 8);
     a.gradient_lanes = fused_reduce_lanes(width, blocks, static_cast<int64_t>(blocks) * kThreads);
     void* kernel_args[] = {&a, &update};
-    const cudaError_t error = cudaLaunchCooperativeKernel(kernel, blocks, kThreads, kernel_args,
-                                                          static_cast<size_t>(bytes), stream);
-    if (error == cudaErrorCooperativeLaunchTooLarge && most > 1) {
-      (void)cudaGetLastError();  // clears it, so that check_launch() sees only later errors
-      continue;
-    }
-    TORCH_CHECK(error == cudaSuccess, "fusedtrain: narrow_stack_step launch failed: ", cudaGetErrorString(error));
-    return loss;
-  }
+    return cudaLaunchCooperativeKernel(kernel, blocks, kThreads, kernel_args, static_cast<size_t>(bytes), stream);
+  });
+  return loss;
 }
 
 template <typename T>
