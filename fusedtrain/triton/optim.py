@@ -498,7 +498,7 @@ def adam_step_(
             counters = [_step_row(step) for step in steps if step.device == device]
             _increment_steps_kernel[(triton.cdiv(len(counters), _STEPS_BLOCK),)](
                 host_table(counters, torch.int64, device), len(counters), scalars.found_inf,
-                SKIPPABLE=scalars.flags["SKIPPABLE"], BLOCK=_STEPS_BLOCK)
+                SKIPPABLE=scalars.flags["SKIPPABLE"], BLOCK=_STEPS_BLOCK, enable_fp_fusion=False)
 
 
 def _sgd_hyperparameters(momentum, dampening, weight_decay, maximize) -> list[float]:
