@@ -20,6 +20,14 @@ namespace fusedtrain {
 namespace cuda {
 namespace narrow {
 
+// Whether a kernel taking Args<T> and an Adam or SGD update by value fits the classic 4 KB kernel
+// parameter space, for T = double, the larger.
+template <template <typename> class Args>
+constexpr bool fits_kernel_parameter_space() {
+  return sizeof(Args<double>) + sizeof(NarrowAdam<double>) <= 4096 &&
+         sizeof(Args<double>) + sizeof(NarrowSgd<double>) <= 4096;
+}
+
 // Whether the stack is within the kernels' fixed limits: at most kMaxNarrowLayers layers and
 // kMaxNarrowParams params, every width <= kMaxNarrowWidth.
 inline bool within_narrow_limits(const StackSpec& spec, at::TensorList params, const at::Tensor& x) {

@@ -43,10 +43,7 @@ namespace {
 
 using namespace narrow;
 
-// The kernel's arguments travel in the classic 4 KB parameter space.
-static_assert(sizeof(FitArgs<double>) + sizeof(NarrowAdam<double>) <= 4096 &&
-                  sizeof(FitArgs<double>) + sizeof(NarrowSgd<double>) <= 4096,
-              "stack_fit_kernel's arguments exceed the 4 KB kernel parameter space");
+static_assert(fits_kernel_parameter_space<FitArgs>(), "stack_fit_kernel's arguments exceed the 4 KB kernel parameter space");
 
 template <typename T, typename Update>
 __global__ void __launch_bounds__(kThreads) stack_fit_kernel(const FitArgs<T> a, const Update update) {

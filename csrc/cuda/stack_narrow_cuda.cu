@@ -59,10 +59,7 @@ namespace {
 
 using namespace narrow;
 
-// The kernel's arguments travel in the classic 4 KB parameter space.
-static_assert(sizeof(NarrowArgs<double>) + sizeof(NarrowAdam<double>) <= 4096 &&
-                  sizeof(NarrowArgs<double>) + sizeof(NarrowSgd<double>) <= 4096,
-              "narrow_stack_step's arguments exceed the 4 KB kernel parameter space");
+static_assert(fits_kernel_parameter_space<NarrowArgs>(), "narrow_stack_step's arguments exceed the 4 KB kernel parameter space");
 
 template <typename T, typename Update>
 __global__ void __launch_bounds__(kThreads) narrow_stack_step(const NarrowArgs<T> a, const Update update) {
